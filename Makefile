@@ -1,0 +1,50 @@
+# Every target sets the project up first (a .venv with torch, then the package).
+# TORCH_SPEC picks the torch to install (default: the CPU wheel torch==2.13.0);
+# a torch already importable in the venv is kept. VENV_ARGS=--system-site-packages
+# lets the venv see a torch you installed yourself (e.g. a CUDA build).
+PYTHON ?= python3
+VENV ?= .venv
+VENV_ARGS ?=
+PY := $(VENV)/bin/python
+DEFAULT_TORCH_SPEC := torch==2.13.0
+STAMP := $(VENV)/.moe_mlora-installed
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check
+
+.PHONY: install run test lint format bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV_ARGS) $(VENV)
+	@if [ -n "$(TORCH_SPEC)" ]; then \
+		echo "installing $(TORCH_SPEC)"; $(PIP) "$(TORCH_SPEC)"; \
+	elif $(PY) -c "import torch" 2>/dev/null; then \
+		echo "keeping torch $$($(PY) -c 'import torch; print(torch.__version__)')"; \
+	else \
+		echo "installing $(DEFAULT_TORCH_SPEC)"; $(PIP) "$(DEFAULT_TORCH_SPEC)"; \
+	fi
+	@# pin the torch just installed so no later dependency can replace it
+	$(PY) -c "import importlib.metadata as m; print('torch==' + m.version('torch'))" > $(VENV)/torch-constraint.txt
+	$(PIP) -c $(VENV)/torch-constraint.txt -e ".[dev]"
+	touch $(STAMP)
+
+run: install
+	$(PY) -m moe_mlora.run $(ARGS)
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(PY) -m ruff check moe_mlora tests
+	$(PY) -m ruff format --check moe_mlora tests
+
+format: install
+	$(PY) -m ruff format moe_mlora tests
+	$(PY) -m ruff check --fix moe_mlora tests
+
+bench: install
+	$(PY) -m moe_mlora.bench $(ARGS)
+
+clean:
+	rm -rf $(VENV) outputs multirun .pytest_cache .ruff_cache wandb *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,44 @@
+"""Hydra config helpers: where the configs live, resolvers, and composing outside Hydra's main."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+RUN_SUFFIX = f"{os.getpid():x}{secrets.token_hex(2)}"
+
+
+def interactive() -> bool:
+    """Progress bars only where a person watches: a terminal, and not CI."""
+    return sys.stderr.isatty() and not os.environ.get("CI")
+
+
+def register_resolvers() -> None:
+    """``${interactive:}`` and ``${run_suffix:}`` used by conf/; safe to call twice."""
+    if not OmegaConf.has_resolver("interactive"):
+        OmegaConf.register_new_resolver("interactive", interactive)
+    if not OmegaConf.has_resolver("run_suffix"):
+        OmegaConf.register_new_resolver("run_suffix", lambda: RUN_SUFFIX)
+
+
+def check_conf_dir() -> None:
+    if not (CONF_DIR / "config.yaml").exists():
+        raise SystemExit(
+            f"moe_mlora: config folder {CONF_DIR} not found. Install the project editable from "
+            "its repository (make install, or pip install -e .) so conf/ sits beside the package."
+        )
+
+
+def compose(overrides: list[str] | None = None) -> DictConfig:
+    """The run config as ``python -m moe_mlora.run OVERRIDES`` would see it (for tests, bench)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register_resolvers()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return hydra_compose("config", overrides=overrides or [], return_hydra_config=False)

@@ -1,0 +1,291 @@
+"""Train and test one (data, model, method) combination: ``python -m moe_mlora.run [overrides]``.
+
+Examples::
+
+    python -m moe_mlora.run                                   # generated MovieLens-format data
+    python -m moe_mlora.run data=movielens_gender data.root=/data/ml-1m method=moe_mlora experts=4
+    python -m moe_mlora.run -m method=base,mlora,moe_mlora    # a sweep, one folder per job
+    python -m moe_mlora.run --help                            # config groups and keys
+
+Each run writes into its own folder: ``.hydra/config.yaml`` (the resolved
+config), ``results.json``, ``csv/metrics.csv`` and a W&B run (offline unless
+``logger.wandb.mode=online``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from omegaconf import DictConfig, OmegaConf
+
+from moe_mlora.config import CONF_DIR, check_conf_dir, register_resolvers
+from moe_mlora.data.processed import DataError
+from moe_mlora.metrics import format_domain_table
+from moe_mlora.models import AdapterConfig, build_model
+from moe_mlora.training.module import CTRModule, Phase
+from moe_mlora.training.phases import PhaseReport, Schedule, metrics_to_json
+
+log = logging.getLogger("moe_mlora")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key and the fix."""
+
+
+# ------------------------------------------------------------------- building
+def quiet_lightning() -> None:
+    """Lightning's per-Trainer banners (GPU available..., LOCAL_RANK...) x 4 phases are noise."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")
+
+
+def adapter_config(cfg: DictConfig, num_domains: int) -> AdapterConfig:
+    spec = dict(cfg.method.adapter)
+    if cfg.experts is not None and int(cfg.experts) < 1:
+        raise ConfigError(f"experts must be >= 1, got {cfg.experts} (or null: one per domain)")
+    if spec.get("kind") == "moe":
+        spec["experts"] = int(cfg.experts) if cfg.experts is not None else num_domains
+    elif cfg.experts is not None:
+        log.warning("experts=%s is ignored: method=%s has no experts", cfg.experts, cfg.method.name)
+    try:
+        return AdapterConfig(**spec)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"method.adapter: {error}") from error
+
+
+def build_module(cfg: DictConfig, datamodule) -> CTRModule:
+    data = datamodule.processed
+    adapter = adapter_config(cfg, data.num_domains)
+    model_options = {k: v for k, v in cfg.model.items() if k != "name"}
+    model_options = OmegaConf.to_container(OmegaConf.create(model_options), resolve=True)
+    model = build_model(cfg.model.name, data.fields, data.num_domains, adapter, **model_options)
+    return CTRModule(model, data.domain_names, cfg.optimizer.lr, cfg.optimizer.weight_decay)
+
+
+def sweep_group(cfg: DictConfig) -> str | None:
+    if cfg.logger.wandb.group:
+        return str(cfg.logger.wandb.group)
+    if HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN":
+        return Path(HydraConfig.get().sweep.dir).name
+    return None
+
+
+def build_loggers(cfg: DictConfig, output_dir: Path) -> list[Logger]:
+    loggers: list[Logger] = [CSVLogger(str(output_dir), name="csv", version="")]
+    settings = cfg.logger.wandb
+    if settings.enabled and settings.mode != "disabled":
+        os.environ.setdefault("WANDB_SILENT", "true")
+        wandb_logger = WandbLogger(
+            project=settings.project,
+            entity=settings.entity,
+            group=sweep_group(cfg),
+            job_type=cfg.method.name,
+            name=run_name(cfg),
+            tags=list(settings.tags),
+            save_dir=str(output_dir),
+            mode=settings.mode,
+            offline=settings.mode == "offline",
+        )
+        # Lightning always passes `anonymous`, which recent wandb deprecates with a warning.
+        wandb_logger._wandb_init.pop("anonymous", None)
+        loggers.append(wandb_logger)
+    return loggers
+
+
+def run_name(cfg: DictConfig) -> str:
+    return f"{cfg.data.name}-{cfg.model.name}-{cfg.method.name}-s{cfg.seed}"
+
+
+def trainer_factory(cfg: DictConfig, loggers: list[Logger]):
+    options = OmegaConf.to_container(cfg.trainer, resolve=True)
+
+    def make_trainer(phase: Phase, callbacks: list[L.Callback], reload: bool) -> L.Trainer:
+        return L.Trainer(
+            **options,
+            logger=loggers,
+            callbacks=callbacks,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            reload_dataloaders_every_n_epochs=1 if reload else 0,
+        )
+
+    return make_trainer
+
+
+# -------------------------------------------------------------------- results
+def build_results(cfg, module, datamodule, reports, test, wall_time, output_dir) -> dict:
+    counts = module.model.parameter_counts()
+    backbone = counts["backbone"]
+    overhead = counts["adapter"] + counts["gate"]
+    return {
+        "status": "completed",
+        "run": {
+            "name": run_name(cfg),
+            "output_dir": str(output_dir),
+            "data": cfg.data.name,
+            "model": cfg.model.name,
+            "method": cfg.method.name,
+            "experts": module.model.num_experts if cfg.method.adapter.kind == "moe" else None,
+            "seed": int(cfg.seed),
+        },
+        "data": datamodule.processed.summary(),
+        "parameters": {
+            **counts,
+            "adapter_overhead": overhead,
+            "adapter_overhead_pct": 100.0 * overhead / backbone if backbone else math.nan,
+        },
+        "phases": [report.to_json() for report in reports],
+        "test": metrics_to_json(test, datamodule.domain_names),
+        "wall_time_s": wall_time,
+    }
+
+
+def write_json_atomically(path: Path, payload: dict) -> None:
+    staging = path.with_suffix(".json.tmp")
+    staging.write_text(json.dumps(payload, indent=2, default=_json_default))
+    os.replace(staging, path)
+
+
+def _json_default(value):
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    return str(value)
+
+
+def summary_table(results: dict, reports: list[PhaseReport]) -> str:
+    run = results["run"]
+    experts = f" · experts={run['experts']}" if run["experts"] else ""
+    lines = [
+        f"{run['method']} · {run['model']} · {run['data']}{experts} · seed {run['seed']}",
+        f"{'phase':<6}{'trains':<10}{'epochs':>7}{'best val WAUC':>15}{'time':>9}{'samples/s':>12}",
+    ]
+    for r in reports:
+        lines.append(
+            f"{r.index:<6}{r.kind:<10}{r.epochs:>7}{r.best_val_wauc:>15.4f}"
+            f"{r.wall_time_s:>8.1f}s{r.train_samples_per_s:>12,.0f}"
+        )
+    test = results["test"]
+    lines.append(
+        f"test: WAUC {test['wauc']:.4f} · mean domain AUC {test['mean_auc']:.4f} · "
+        f"AUC {test['auc']:.4f} · log loss {test['logloss']:.4f}"
+    )
+    params = results["parameters"]
+    lines.append(
+        f"parameters: backbone {params['backbone']:,} · adapter+gate {params['adapter_overhead']:,}"
+        f" ({params['adapter_overhead_pct']:.1f}% of backbone) · wall time "
+        f"{results['wall_time_s']:.1f}s"
+    )
+    return "\n".join(lines)
+
+
+def log_to_wandb(loggers: list[Logger], results: dict, domain_names: list[str]) -> None:
+    wandb_logger = next((lg for lg in loggers if isinstance(lg, WandbLogger)), None)
+    if wandb_logger is None:
+        return
+    import wandb
+
+    run = wandb_logger.experiment
+    test = results["test"]
+    for key in ("wauc", "mean_auc", "auc", "logloss"):
+        run.summary[f"test/{key}"] = test[key]
+    rows = [
+        [name, d["samples"], d["positive_rate"], d["auc"]] for name, d in test["per_domain"].items()
+    ]
+    tables = {"test/per_domain": wandb.Table(["domain", "samples", "positive_rate", "auc"], rows)}
+    if "gate_weights" in test:
+        experts = len(next(iter(test["gate_weights"].values())))
+        columns = ["domain"] + [f"expert{e}" for e in range(experts)]
+        gate_rows = [[name, *weights] for name, weights in test["gate_weights"].items()]
+        tables["test/gate_weights"] = wandb.Table(columns, gate_rows)
+    run.log(tables)
+    run_dir = Path(run.dir).parent
+    if run.settings.mode == "offline" or getattr(run.settings, "_offline", False):
+        log.info("W&B offline run in %s · upload it with: wandb sync %s", run_dir, run_dir)
+    else:
+        log.info("W&B run: %s", run.url)
+
+
+def finish_wandb(loggers: list[Logger]) -> None:
+    for logger in loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            logger.experiment.finish()
+
+
+# ------------------------------------------------------------------ top level
+def train_and_evaluate(cfg: DictConfig, output_dir: Path) -> dict:
+    """Run the configured method's phases, test once, write ``results.json``; return the results."""
+    quiet_lightning()
+    start = time.perf_counter()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    L.seed_everything(int(cfg.seed), verbose=False)
+    datamodule = instantiate(
+        cfg.data, shuffle_seed=int(cfg.seed), cache_dir=cfg.paths.cache_dir, progress=cfg.progress
+    )
+    datamodule.prepare()
+    module = build_module(cfg, datamodule)
+    loggers = build_loggers(cfg, output_dir)
+    try:
+        for logger in loggers:
+            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        schedule = Schedule(
+            module,
+            datamodule,
+            trainer_factory(cfg, loggers),
+            patience=cfg.callbacks.early_stopping.patience,
+            min_delta=cfg.callbacks.early_stopping.min_delta,
+            phase2_mode=cfg.method.get("phase2", "parallel"),
+        )
+        reports = schedule.run(cfg.method.name)
+        test = schedule.test()
+        results = build_results(
+            cfg, module, datamodule, reports, test, time.perf_counter() - start, output_dir
+        )
+        write_json_atomically(output_dir / "results.json", results)
+        log_to_wandb(loggers, results, datamodule.domain_names)
+        for logger in loggers:
+            logger.save()
+    finally:
+        finish_wandb(loggers)
+    print(summary_table(results, reports))
+    print(format_domain_table(test, datamodule.domain_names))
+    print(f"results: {output_dir / 'results.json'}")
+    return results
+
+
+register_resolvers()
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def main(cfg: DictConfig) -> float:
+    output_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        results = train_and_evaluate(cfg, output_dir)
+    except (DataError, ConfigError) as error:
+        (output_dir / "error.txt").write_text(f"{type(error).__name__}: {error}\n")
+        print(f"moe_mlora: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    return results["test"]["wauc"]
+
+
+if __name__ == "__main__":
+    check_conf_dir()
+    main()

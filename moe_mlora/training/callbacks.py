@@ -1,0 +1,149 @@
+"""Callbacks the phase schedule attaches to each phase's Trainer.
+
+Best weights are kept in memory (the models are small) and restored when the
+phase ends, so every phase hands the next one its best, not its last, state.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import lightning as L
+import torch
+
+from moe_mlora.data.batches import ExpertBatches
+
+
+def snapshot(parameters: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in parameters]
+
+
+def restore(parameters: list[torch.nn.Parameter], saved: list[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for parameter, value in zip(parameters, saved, strict=True):
+            parameter.copy_(value)
+
+
+def _improved(value: float, best: float, min_delta: float) -> bool:
+    return not math.isnan(value) and (math.isnan(best) or value > best + min_delta)
+
+
+class BestWeights(L.Callback):
+    """Early stopping on a validation metric (higher is better) that restores the best weights.
+
+    Only trainable parameters are saved: frozen ones cannot change in the phase.
+    """
+
+    def __init__(self, monitor: str, patience: int = 3, min_delta: float = 0.0) -> None:
+        if patience < 1:
+            raise ValueError(f"callbacks.early_stopping.patience must be >= 1, got {patience}")
+        self.monitor = monitor
+        self.patience = patience
+        self.min_delta = min_delta
+        self.best = math.nan
+        self.best_epoch = -1
+        self.best_metrics: dict | None = None
+        self.epochs = 0
+        self._wait = 0
+        self._saved: list[torch.Tensor] | None = None
+        self._parameters: list[torch.nn.Parameter] = []
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._parameters = [p for p in pl_module.parameters() if p.requires_grad]
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        self.epochs += 1
+        value = float(trainer.callback_metrics.get(self.monitor, math.nan))
+        if _improved(value, self.best, self.min_delta):
+            self.best, self.best_epoch, self._wait = value, trainer.current_epoch, 0
+            self.best_metrics = getattr(pl_module, "last_val", None)
+            self._saved = snapshot(self._parameters)
+            return
+        self._wait += 1
+        if self._wait >= self.patience:
+            trainer.should_stop = True
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._saved is not None:
+            restore(self._parameters, self._saved)
+
+
+@dataclass
+class ExpertRecord:
+    """Phase-2 bookkeeping for one expert."""
+
+    domains: list[int]
+    best: float = math.nan
+    best_epoch: int = -1
+    epochs: int = 0
+    wait: int = 0
+    saved: list[torch.Tensor] | None = field(default=None, repr=False)
+
+
+class ExpertEarlyStopping(L.Callback):
+    """Per-expert early stopping and best weights for phase 2.
+
+    An expert whose validation WAUC (on its own domains) has not improved for
+    ``patience`` epochs leaves ``batches.active``: it gets no more data and its
+    parameters no more updates. The phase ends when no expert is active, and
+    each expert gets back its own best weights.
+    """
+
+    def __init__(
+        self,
+        batches: ExpertBatches,
+        assignment: list[list[int]],
+        patience: int = 3,
+        min_delta: float = 0.0,
+    ) -> None:
+        self.batches = batches
+        self.patience = patience
+        self.min_delta = min_delta
+        self.records = {e: ExpertRecord(list(domains)) for e, domains in enumerate(assignment)}
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        scores = pl_module.last_expert_val
+        for expert in sorted(self.batches.active):
+            record = self.records[expert]
+            record.epochs += 1
+            value = float(scores[expert])
+            if _improved(value, record.best, self.min_delta):
+                record.best, record.best_epoch, record.wait = value, trainer.current_epoch, 0
+                record.saved = snapshot(pl_module.model.expert_parameters(expert))
+                continue
+            record.wait += 1
+            if record.wait >= self.patience:
+                self.batches.active.discard(expert)
+        if not self.batches.active:
+            trainer.should_stop = True
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for expert, record in self.records.items():
+            if record.saved is not None:
+                restore(pl_module.model.expert_parameters(expert), record.saved)
+
+
+class TrainThroughput(L.Callback):
+    """Training samples per second, timed over the training steps only (no validation)."""
+
+    def __init__(self) -> None:
+        self.samples = 0
+        self.seconds = 0.0
+        self._start = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.seconds += time.perf_counter() - self._start
+        self.samples += len(batch["label"])
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.samples / self.seconds if self.seconds else math.nan

@@ -1,0 +1,185 @@
+"""The one LightningModule: a CTR model trained in the phase set by the schedule.
+
+The schedule (:mod:`moe_mlora.training.phases`) decides which parameters are
+trainable and how the tower's adapters are routed; this module only computes
+losses and metrics for the current :class:`Phase`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from moe_mlora.metrics import DomainAUC, grouped_auc, weighted_auc
+
+
+@dataclass
+class Phase:
+    """One training phase: its number in metric names and what it trains.
+
+    ``kind`` is ``joint`` (base / MLoRA: everything at once), ``backbone``,
+    ``experts`` or ``gate`` (MoE-MLoRA's three phases).
+    """
+
+    index: int
+    kind: str
+    assignment: list[list[int]] = field(default_factory=list)  # experts phase: domains per expert
+
+    @property
+    def prefix(self) -> str:
+        return f"phase{self.index}"
+
+
+def metric_safe(name: str) -> str:
+    """A domain name usable as one metric-name component ("/" nests in W&B)."""
+    return name.replace("/", "_").replace(" ", "_")
+
+
+def expert_mean_bce(
+    logits: torch.Tensor, label: torch.Tensor, expert: torch.Tensor
+) -> torch.Tensor:
+    """Sum over experts of each expert's mean BCE on its own rows.
+
+    Experts share no trainable parameter in phase 2, so the gradient each one
+    gets is exactly that of its own mean loss: the same as training it alone.
+    """
+    per_row = F.binary_cross_entropy_with_logits(logits, label, reduction="none")
+    rows_per_expert = torch.bincount(expert)
+    return (per_row / rows_per_expert[expert]).sum()
+
+
+class CTRModule(L.LightningModule):
+    """Binary cross-entropy training and weighted-AUC evaluation of a CTR model."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        domain_names: list[str],
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.domain_names = list(domain_names)
+        self.num_domains = len(domain_names)
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.phase = Phase(1, "joint")
+        self.val_metric = DomainAUC(self.num_domains, self.domain_names)
+        self.test_metric = DomainAUC(self.num_domains, self.domain_names)
+        self._expert_val: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._experts_in_batch: torch.Tensor | None = None
+        self.last_val: dict | None = None
+        self.last_expert_val: torch.Tensor | None = None
+        self.test_result: dict | None = None
+        self._gate_sum: torch.Tensor | None = None
+        self._gate_rows: torch.Tensor | None = None
+
+    # ----------------------------------------------------------------- forward
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model(batch["sparse"], batch["domain"], batch.get("expert"))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        return torch.optim.Adam(trainable, lr=self.lr, weight_decay=self.weight_decay)
+
+    # ---------------------------------------------------------------- training
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        logits = self(batch)
+        if self.phase.kind == "experts":
+            self._experts_in_batch = torch.unique(batch["expert"])
+            loss = expert_mean_bce(logits, batch["label"], batch["expert"])
+        else:
+            loss = F.binary_cross_entropy_with_logits(logits, batch["label"])
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite loss {loss.item()} in {self.phase.prefix} ({self.phase.kind}), "
+                f"epoch {self.current_epoch}, step {batch_idx}"
+            )
+        self.log(
+            f"{self.phase.prefix}/train/loss",
+            loss,
+            on_step=False,
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=len(batch["label"]),
+        )
+        return loss
+
+    def on_after_backward(self) -> None:
+        """Leave absent experts' grads None so Adam skips them, as if trained alone."""
+        if self.phase.kind != "experts" or self._experts_in_batch is None:
+            return
+        present = set(self._experts_in_batch.tolist())
+        for expert in range(len(self.phase.assignment)):
+            if expert not in present:
+                for parameter in self.model.expert_parameters(expert):
+                    parameter.grad = None
+
+    # -------------------------------------------------------------- validation
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        probs = torch.sigmoid(self(batch))
+        if self.phase.kind == "experts":
+            group = batch["expert"] * self.num_domains + batch["domain"]
+            self._expert_val.append((probs, batch["label"], group))
+        else:
+            self.val_metric.update(probs, batch["label"], batch["domain"])
+
+    def on_validation_epoch_end(self) -> None:
+        prefix = f"{self.phase.prefix}/val"
+        if self.phase.kind == "experts":
+            self._finish_expert_validation(prefix)
+            return
+        result = self.val_metric.compute()
+        self.val_metric.reset()
+        self.last_val = result
+        self._log_summary(prefix, result)
+
+    def _finish_expert_validation(self, prefix: str) -> None:
+        """Each expert's WAUC over the domains it serves, backbone + that expert only."""
+        probs, label, group = (torch.cat(parts) for parts in zip(*self._expert_val, strict=True))
+        self._expert_val.clear()
+        num_experts = len(self.phase.assignment)
+        auc, count = grouped_auc(probs, label, group, num_experts * self.num_domains)
+        auc, count = auc.view(num_experts, self.num_domains), count.view(num_experts, -1)
+        per_expert = torch.tensor([weighted_auc(auc[e], count[e]) for e in range(num_experts)])
+        self.last_expert_val = per_expert
+        for expert, value in enumerate(per_expert.tolist()):
+            self.log(f"{prefix}/wauc/expert{expert}", value)
+        self.log(f"{prefix}/wauc", weighted_auc(auc.flatten(), count.flatten()), prog_bar=True)
+
+    # -------------------------------------------------------------------- test
+    def on_test_epoch_start(self) -> None:
+        self.test_metric.reset()
+        num_experts = getattr(self.model, "num_experts", 0)
+        if getattr(self.model, "routing", "off") == "mixture" and num_experts:
+            self._gate_sum = torch.zeros(self.num_domains, num_experts, dtype=torch.float64)
+            self._gate_rows = torch.zeros(self.num_domains, dtype=torch.float64)
+        else:
+            self._gate_sum = self._gate_rows = None
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        probs = torch.sigmoid(self(batch))
+        self.test_metric.update(probs, batch["label"], batch["domain"])
+        if self._gate_sum is not None:
+            weights = self.model.gate_weights(batch["sparse"], batch["domain"]).double().cpu()
+            domain = batch["domain"].cpu()
+            self._gate_sum.index_add_(0, domain, weights)
+            self._gate_rows.index_add_(0, domain, torch.ones_like(domain, dtype=torch.float64))
+
+    def on_test_epoch_end(self) -> None:
+        result = self.test_metric.compute()
+        if self._gate_sum is not None:
+            result["gate_weights"] = self._gate_sum / self._gate_rows.clamp(min=1)[:, None]
+        self.test_result = result
+        self._log_summary("test", result)
+
+    # ----------------------------------------------------------------- helpers
+    def _log_summary(self, prefix: str, result: dict) -> None:
+        for key in ("wauc", "mean_auc", "auc", "logloss"):
+            self.log(f"{prefix}/{key}", float(result[key]), prog_bar=key == "wauc")
+        for name, value in zip(self.domain_names, result["auc_per_domain"].tolist(), strict=True):
+            self.log(f"{prefix}/auc/{metric_safe(name)}", value)

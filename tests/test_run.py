@@ -1,0 +1,138 @@
+"""End-to-end runs through the Hydra config, and the errors users see on bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from moe_mlora.config import compose
+from moe_mlora.data.processed import DataError
+from moe_mlora.run import ConfigError, train_and_evaluate
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def tiny(cache_dir: Path, *overrides: str) -> list[str]:
+    """Overrides for a run of a few seconds on a small generated dataset."""
+    return [
+        "data.users=200",
+        "data.items=150",
+        "data.ratings=6000",
+        "model.hidden_units=[32,16]",
+        "trainer.max_epochs=2",
+        "logger.wandb.enabled=false",
+        "progress=false",
+        f"paths.cache_dir={cache_dir}",
+        *overrides,
+    ]
+
+
+@pytest.mark.parametrize("method", ["base", "mlora", "moe_mlora"])
+def test_each_method_runs_end_to_end(method, cache_dir, tmp_path):
+    cfg = compose(tiny(cache_dir, f"method={method}"))
+    results = train_and_evaluate(cfg, tmp_path)
+
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["status"] == "completed"
+    assert saved["run"]["method"] == method
+    kinds = [phase["kind"] for phase in saved["phases"]]
+    assert kinds == (["backbone", "experts", "gate"] if method == "moe_mlora" else ["joint"])
+    test = saved["test"]
+    assert 0.5 < test["wauc"] <= 1.0
+    assert set(test["per_domain"]) == set(results["data"]["test"]["domains"])
+    assert (
+        sum(d["samples"] for d in test["per_domain"].values()) == saved["data"]["test"]["samples"]
+    )
+    params = saved["parameters"]
+    assert params["total"] == params["backbone"] + params["adapter"] + params["gate"]
+    assert (params["adapter"] > 0) == (method != "base")
+    assert (tmp_path / "csv" / "metrics.csv").exists()
+    if method == "moe_mlora":
+        assert saved["run"]["experts"] == 7  # default: one per domain (age split)
+        assert len(saved["phases"][1]["experts"]) == 7
+        weights = test["gate_weights"]
+        assert all(sum(row) == pytest.approx(1.0) for row in weights.values())
+
+
+def test_experts_override_and_fewer_experts_than_domains(cache_dir, tmp_path):
+    cfg = compose(tiny(cache_dir, "experts=3"))
+    results = train_and_evaluate(cfg, tmp_path)
+    experts = results["phases"][1]["experts"]
+    assert [e["domains"] for e in experts] == [
+        ["<18", "35-44", "56+"],
+        ["18-24", "45-49"],
+        ["25-34", "50-55"],
+    ]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("experts=0", "experts must be >= 1"),
+        ("method.adapter.lora_reduce=0", "lora_reduce"),
+        ("method.adapter.lora_rank=0", "lora_rank"),
+    ],
+)
+def test_bad_numbers_are_config_errors(override, message, cache_dir, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        train_and_evaluate(compose(tiny(cache_dir, override)), tmp_path)
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_missing_root_names_the_files_and_the_generator(cache_dir, tmp_path):
+    cfg = compose(["data=movielens_gender", "logger.wandb.enabled=false", "progress=false"])
+    with pytest.raises(DataError, match=r"data\.root") as error:
+        train_and_evaluate(cfg, tmp_path)
+    assert "u.data" in str(error.value) and "moe_mlora.data.generate" in str(error.value)
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "CI": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "moe_mlora.run", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.slow
+def test_cli_run_writes_config_results_csv_and_offline_wandb(cache_dir, tmp_path):
+    out = tmp_path / "run"
+    result = run_cli(
+        *tiny(cache_dir, "logger.wandb.enabled=true", f"hydra.run.dir={out}"), cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / ".hydra" / "config.yaml").exists()
+    assert json.loads((out / "results.json").read_text())["status"] == "completed"
+    assert (out / "csv" / "metrics.csv").read_text().count("phase3/val/wauc") == 1  # header
+    offline_runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 1
+    assert "wandb sync" in result.stdout + result.stderr
+    assert "test: WAUC" in result.stdout
+
+
+@pytest.mark.slow
+def test_cli_bad_inputs_exit_with_a_clear_message(tmp_path):
+    unknown = run_cli("model=nosuchmodel", cwd=tmp_path)
+    assert unknown.returncode != 0
+    assert "deepfm" in unknown.stderr and "mlp" in unknown.stderr  # Hydra lists the options
+
+    missing = run_cli("data=movielens_gender", f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path)
+    assert missing.returncode == 2
+    assert "data.root is not set" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    assert (tmp_path / "r" / "error.txt").exists()
+    assert not (tmp_path / "r" / "results.json").exists()

@@ -1,0 +1,156 @@
+"""The phase schedule: freezing, best weights, and parallel == sequential phase 2."""
+
+from __future__ import annotations
+
+import copy
+
+import lightning as L
+import pytest
+import torch
+
+from moe_mlora.data.datamodule import MultiDomainDataModule
+from moe_mlora.metrics import DomainAUC
+from moe_mlora.models import AdapterConfig, build_model
+from moe_mlora.run import quiet_lightning
+from moe_mlora.training.module import CTRModule, expert_mean_bce
+from moe_mlora.training.phases import Schedule
+
+
+def make_trainer_factory(max_epochs: int):
+    def make_trainer(phase, callbacks, reload):
+        return L.Trainer(
+            accelerator="cpu",
+            max_epochs=max_epochs,
+            logger=False,
+            callbacks=callbacks,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            reload_dataloaders_every_n_epochs=1 if reload else 0,
+        )
+
+    return make_trainer
+
+
+@pytest.fixture(scope="module")
+def datamodule(ml1m_root, tmp_path_factory) -> MultiDomainDataModule:
+    quiet_lightning()
+    dm = MultiDomainDataModule(
+        "movielens",
+        root=str(ml1m_root),
+        split_by="gender",
+        batch_size=512,
+        cache_dir=tmp_path_factory.mktemp("cache"),
+        progress=False,
+    )
+    dm.prepare()
+    return dm
+
+
+def make_module(dm, kind: str, experts: int | None = None, dropout: float = 0.5, seed: int = 0):
+    torch.manual_seed(seed)
+    data = dm.processed
+    adapter = AdapterConfig(kind, experts=experts)
+    model = build_model(
+        "deepfm", data.fields, data.num_domains, adapter, hidden_units=(32, 16), dropout=dropout
+    )
+    return CTRModule(model, data.domain_names, lr=3e-3)
+
+
+def snapshot(parameters) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in parameters]
+
+
+def unchanged(parameters, saved) -> bool:
+    return all(torch.equal(p, s) for p, s in zip(parameters, saved, strict=True))
+
+
+def val_wauc(module: CTRModule, dm: MultiDomainDataModule) -> float:
+    metric = DomainAUC(dm.num_domains)
+    module.eval()
+    with torch.inference_mode():
+        for batch in dm.val_dataloader():
+            metric.update(torch.sigmoid(module(batch)), batch["label"], batch["domain"])
+    return metric.compute()["wauc"]
+
+
+def test_expert_mean_bce_is_each_experts_own_mean():
+    logits = torch.tensor([0.3, -1.0, 2.0, 0.5, -0.2])
+    label = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0])
+    expert = torch.tensor([0, 0, 1, 1, 1])
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    expected = bce(logits[:2], label[:2]) + bce(logits[2:], label[2:])
+    assert torch.allclose(expert_mean_bce(logits, label, expert), expected)
+
+
+def test_moe_phases_freeze_whole_parameter_groups(datamodule):
+    module = make_module(datamodule, "moe", experts=4)
+    model = module.model
+    schedule = Schedule(module, datamodule, make_trainer_factory(2), patience=2)
+    groups = {
+        "backbone": model.backbone_parameters(),
+        "experts": model.expert_parameters(),
+        "gate": model.gate_parameters(),
+    }
+    phases = {
+        "backbone": schedule.backbone_phase,
+        "experts": schedule.experts_phase,
+        "gate": schedule.gate_phase,
+    }
+    for trained, run_phase in phases.items():
+        before = {name: snapshot(params) for name, params in groups.items()}
+        report = run_phase()
+        assert report.epochs >= 1
+        for name, params in groups.items():
+            if name == trained:
+                assert not unchanged(params, before[name]), f"{trained} phase must train {name}"
+            else:
+                assert unchanged(params, before[name]), f"{name} changed in the {trained} phase"
+
+
+def test_best_weights_are_restored_at_phase_end(datamodule):
+    module = make_module(datamodule, "none", seed=3)
+    schedule = Schedule(module, datamodule, make_trainer_factory(6), patience=2)
+    (report,) = schedule.run("base")
+    assert report.best_epoch >= 0
+    assert val_wauc(module, datamodule) == pytest.approx(report.best_val_wauc, abs=1e-6)
+
+
+def test_mlora_trains_backbone_and_domain_adapters_jointly(datamodule):
+    module = make_module(datamodule, "mlora")
+    model = module.model
+    backbone, adapters = snapshot(model.backbone_parameters()), snapshot(model.expert_parameters())
+    (report,) = Schedule(module, datamodule, make_trainer_factory(1)).run("mlora")
+    assert report.kind == "joint" and model.routing == "domain"
+    assert not unchanged(model.backbone_parameters(), backbone)
+    assert not unchanged(model.expert_parameters(), adapters)
+
+
+@pytest.mark.parametrize("experts", [4, 1])
+def test_parallel_phase2_equals_sequential(datamodule, experts):
+    """All experts in one pass == one after another, each with its own optimizer.
+
+    Dropout is off so both schedules draw no random masks; the backbone is
+    trained first so that the experts start from a meaningful model.
+    """
+    module = make_module(datamodule, "moe", experts=experts, dropout=0.0, seed=7)
+    Schedule(module, datamodule, make_trainer_factory(2), patience=2).backbone_phase()
+    twin = copy.deepcopy(module)
+
+    parallel = Schedule(module, datamodule, make_trainer_factory(5), patience=1).experts_phase()
+    sequential_schedule = Schedule(
+        twin, datamodule, make_trainer_factory(5), patience=1, phase2_mode="sequential"
+    )
+    sequential = sequential_schedule.experts_phase()
+
+    for mine, theirs in zip(parallel.experts, sequential.experts, strict=True):
+        assert mine["epochs"] == theirs["epochs"]
+        assert mine["best_epoch"] == theirs["best_epoch"]
+        assert mine["best_val_wauc"] == pytest.approx(theirs["best_val_wauc"], abs=1e-6)
+    for e in range(experts):
+        for p, q in zip(
+            module.model.expert_parameters(e), twin.model.expert_parameters(e), strict=True
+        ):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert parallel.train_samples == sequential.train_samples
