@@ -241,6 +241,7 @@ def train_and_evaluate(cfg: DictConfig, output_dir: Path) -> dict:
         cfg.data, shuffle_seed=int(cfg.seed), cache_dir=cfg.paths.cache_dir, progress=cfg.progress
     )
     datamodule.prepare()
+    log.info("data\n%s", datamodule.describe())
     module = build_module(cfg, datamodule)
     loggers = build_loggers(cfg, output_dir)
     try:

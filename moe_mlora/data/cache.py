@@ -1,0 +1,123 @@
+"""On-disk cache of :class:`ProcessedData`, keyed by protocol and raw-file fingerprints.
+
+Preprocessing is cheap for MovieLens but not for Taobao-sized data, and every
+training run needs the same tensors. An entry lives in
+``<cache_dir>/processed/<label>-<hash16>/`` where the hash covers the caller's
+key (source, protocol options, code version) *and* the name, size and mtime of
+every raw file, so editing or replacing a raw file invalidates the entry.
+
+Entries are written to a temporary directory beside the final one and renamed
+into place, so a crash never leaves a half-written entry under the final name;
+an entry that still fails to load (disk trouble, manual edits) is rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from moe_mlora.data.processed import ProcessedData
+
+log = logging.getLogger(__name__)
+
+_KEY_FILE = "cache_key.json"
+
+
+def default_cache_dir() -> Path:
+    """``$MOE_MLORA_CACHE``, else ``$XDG_CACHE_HOME/moe_mlora``, else ``~/.cache/moe_mlora``."""
+    explicit = os.environ.get("MOE_MLORA_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    if xdg:
+        return Path(xdg).expanduser() / "moe_mlora"
+    return Path.home() / ".cache" / "moe_mlora"
+
+
+def file_fingerprint(paths: Iterable[Path]) -> list[dict]:
+    """Name, size and mtime (ns) of each raw file: cheap, and changes when a file is replaced."""
+    out = []
+    for path in paths:
+        stat = Path(path).stat()
+        out.append({"name": Path(path).name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
+    return out
+
+
+def cache_entry_dir(cache_dir: Path, key: dict, raw_files: list[Path], label: str = "") -> Path:
+    """Where the entry for ``key`` and the current state of ``raw_files`` lives."""
+    payload = {"key": key, "files": file_fingerprint(raw_files)}
+    blob = json.dumps(payload, sort_keys=True, default=str).encode()
+    digest = hashlib.sha256(blob).hexdigest()[:16]
+    safe_label = re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("._") or "data"
+    return Path(cache_dir) / "processed" / f"{safe_label}-{digest}"
+
+
+def _try_load(entry: Path) -> ProcessedData | None:
+    try:
+        data = ProcessedData.load(entry)
+    except Exception as err:  # any unreadable entry is rebuilt, never fatal
+        log.warning(
+            "cache entry %s is unreadable (%s: %s); rebuilding", entry, type(err).__name__, err
+        )
+        shutil.rmtree(entry, ignore_errors=True)
+        return None
+    log.info("loaded cached %s from %s", entry.name, entry)
+    return data
+
+
+def _store(entry: Path, data: ProcessedData, key: dict, raw_files: list[Path]) -> None:
+    """Save into a temp dir beside ``entry``, then rename it into place atomically."""
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.tmp-", dir=entry.parent))
+    try:
+        data.save(tmp)
+        record = {"key": key, "files": file_fingerprint(raw_files)}
+        (tmp / _KEY_FILE).write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
+        try:
+            os.replace(tmp, entry)
+        except OSError:
+            if not entry.is_dir():  # a concurrent writer may have won the race: keep theirs
+                raise
+        else:
+            log.info("cached %s at %s", entry.name, entry)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_or_build(
+    cache_dir: Path | None,
+    key: dict,
+    raw_files: list[Path],
+    build: Callable[[], ProcessedData],
+    label: str = "",
+) -> ProcessedData:
+    """Return the cached data for ``key`` and ``raw_files``, building and storing it on a miss.
+
+    ``cache_dir=None`` disables caching (``build()`` every time). ``key`` must be
+    JSON-serialisable (non-JSON values are stringified) and should include
+    everything that changes the output except the raw files themselves.
+    A failure to *write* the cache (read-only disk, ...) is logged and the
+    freshly built data returned anyway.
+    """
+    if cache_dir is None:
+        return build()
+    entry = cache_entry_dir(Path(cache_dir), key, raw_files, label)
+    if entry.is_dir():
+        data = _try_load(entry)
+        if data is not None:
+            return data
+    elif entry.exists():  # a stray file under the entry's name
+        entry.unlink()
+    data = build()
+    try:
+        _store(entry, data, key, raw_files)
+    except OSError as err:
+        log.warning("could not write cache entry %s: %s", entry, err)
+    return data

@@ -1,0 +1,211 @@
+"""The multi-domain LightningDataModule shared by every data source.
+
+``source`` names a function that turns options (a data root, a split) into a
+:class:`ProcessedData`; the module keeps its splits in memory and serves
+index-slice batches (see :mod:`moe_mlora.data.batches`), including the
+per-expert batches of MoE-MLoRA's phase 2.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from moe_mlora.data.batches import ExpertBatches, ExpertEvalBatches, SplitBatches
+from moe_mlora.data.cache import default_cache_dir
+from moe_mlora.data.processed import DataError, ProcessedData
+
+log = logging.getLogger(__name__)
+
+
+def movielens_source(
+    root: str | None,
+    split_by: str,
+    features: Sequence[str] = ("user", "item", "domain"),
+    seed: int = 123,
+    fractions: Sequence[float] = (0.6, 0.2, 0.2),
+    cache_dir: Path | None = None,
+    progress: bool | None = None,
+) -> ProcessedData:
+    """MovieLens (ML-1M or ML-100K, detected) from the folder ``root``."""
+    from moe_mlora.data.movielens import prepare_movielens
+
+    if not root:
+        raise DataError(
+            "data.root is not set: give the folder of MovieLens files, e.g. "
+            "data.root=/path/to/ml-1m (users.dat, ratings.dat, movies.dat) or "
+            "data.root=/path/to/ml-100k (u.data, u.user, u.item). To make stand-ins in the "
+            "real format: python -m moe_mlora.data.generate movielens --format ml-1m --out DIR"
+        )
+    return prepare_movielens(
+        root,
+        split_by,
+        features=tuple(features),
+        seed=seed,
+        fractions=tuple(fractions),
+        cache_dir=cache_dir,
+        progress=progress,
+    )
+
+
+def generated_movielens_root(
+    cache_dir: Path, fmt: str, users: int, items: int, ratings: int, generator_seed: int
+) -> Path:
+    """Generate MovieLens-format files once per parameter set, under the cache folder."""
+    from moe_mlora.data.synthetic_movielens import generate_movielens
+
+    params = {"format": fmt, "users": users, "items": items, "ratings": ratings}
+    params["seed"] = generator_seed
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
+    root = Path(cache_dir) / "generated" / f"movielens-{fmt}-{digest}"
+    if (root / ".complete").exists():
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=root.name + ".tmp-", dir=root.parent))
+    try:
+        generate_movielens(staging, fmt, users, items, ratings, generator_seed)
+        (staging / ".complete").write_text(json.dumps(params))
+        if root.exists():  # an earlier attempt died half-way
+            shutil.rmtree(root)
+        os.replace(staging, root)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("generated MovieLens-format (%s) files in %s", fmt, root)
+    return root
+
+
+def synthetic_movielens_source(
+    split_by: str = "age",
+    format: str = "ml-1m",
+    users: int = 1000,
+    items: int = 800,
+    ratings: int = 50_000,
+    generator_seed: int = 0,
+    features: Sequence[str] = ("user", "item", "domain"),
+    seed: int = 123,
+    fractions: Sequence[float] = (0.6, 0.2, 0.2),
+    cache_dir: Path | None = None,
+    progress: bool | None = None,
+) -> ProcessedData:
+    """Generated MovieLens-format files, read back through the real MovieLens loader."""
+    root = generated_movielens_root(
+        Path(cache_dir or default_cache_dir()), format, users, items, ratings, generator_seed
+    )
+    return movielens_source(str(root), split_by, features, seed, fractions, cache_dir, progress)
+
+
+SOURCES: dict[str, Callable[..., ProcessedData]] = {
+    "movielens": movielens_source,
+    "synthetic_movielens": synthetic_movielens_source,
+}
+
+
+class MultiDomainDataModule(L.LightningDataModule):
+    """In-memory train / val / test splits of a multi-domain CTR dataset.
+
+    Args:
+        source: a key of :data:`SOURCES`.
+        name: the dataset's name in results and logs (e.g. ``movielens_gender``).
+        batch_size: training batch size.
+        eval_batch_size: validation / test batch size (large: evaluation is cheap).
+        shuffle_seed: seeds the per-epoch shuffling (the run's ``seed``).
+        cache_dir: where processed splits and generated files are cached
+            (``None``: the default cache folder).
+        progress: progress bars while preprocessing (``None``: only on a terminal).
+        **options: passed to the source (``root``, ``split_by``, ``features``...).
+    """
+
+    def __init__(
+        self,
+        source: str,
+        name: str | None = None,
+        batch_size: int = 1024,
+        eval_batch_size: int = 65536,
+        shuffle_seed: int = 0,
+        cache_dir: str | Path | None = None,
+        progress: bool | None = None,
+        **options,
+    ) -> None:
+        super().__init__()
+        if source not in SOURCES:
+            raise DataError(f"unknown data.source {source!r}; choose one of {sorted(SOURCES)}")
+        self.source = source
+        self.name = name or source
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.shuffle_seed = shuffle_seed
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.progress = progress
+        self.options = options
+        self.data: ProcessedData | None = None
+
+    def prepare(self) -> ProcessedData:
+        """Load (or build and cache) the processed splits; idempotent."""
+        if self.data is None:
+            build = SOURCES[self.source]
+            self.data = build(**self.options, cache_dir=self.cache_dir, progress=self.progress)
+        return self.data
+
+    def setup(self, stage: str | None = None) -> None:
+        self.prepare()
+
+    @property
+    def processed(self) -> ProcessedData:
+        return self.prepare()
+
+    @property
+    def num_domains(self) -> int:
+        return self.processed.num_domains
+
+    @property
+    def domain_names(self) -> list[str]:
+        return self.processed.domain_names
+
+    def domain_counts(self, split: str = "train") -> torch.Tensor:
+        """Samples per domain in ``split`` (the weights of that split's WAUC)."""
+        return self.processed.splits[split].domain_counts(self.num_domains)
+
+    def positive_rates(self, split: str = "train") -> torch.Tensor:
+        """Share of positive labels per domain in ``split``."""
+        return self.processed.splits[split].domain_positive_rates(self.num_domains)
+
+    def describe(self) -> str:
+        """A table of the domains: samples per split and the training positive rate."""
+        counts = {split: self.domain_counts(split).tolist() for split in self.processed.splits}
+        rates = self.positive_rates("train").tolist()
+        header = f"{'domain':<20}" + "".join(f"{s:>9}" for s in counts) + f"{'pos rate':>10}"
+        lines = [f"{self.name}: {self.num_domains} domains", header]
+        for d, name in enumerate(self.domain_names):
+            cells = "".join(f"{counts[s][d]:>9,}" for s in counts)
+            lines.append(f"{name:<20}{cells}{rates[d]:>10.3f}")
+        return "\n".join(lines)
+
+    def train_dataloader(self) -> SplitBatches:
+        split = self.processed.splits["train"]
+        return SplitBatches(split, self.batch_size, shuffle=True, seed=self.shuffle_seed)
+
+    def val_dataloader(self) -> SplitBatches:
+        return SplitBatches(self.processed.splits["val"], self.eval_batch_size)
+
+    def test_dataloader(self) -> SplitBatches:
+        return SplitBatches(self.processed.splits["test"], self.eval_batch_size)
+
+    def expert_train_batches(
+        self, assignment: Sequence[Sequence[int]], active: Sequence[int] | None = None
+    ) -> ExpertBatches:
+        """Phase-2 training batches for the experts in ``active`` (all by default)."""
+        split = self.processed.splits["train"]
+        return ExpertBatches(split, assignment, self.batch_size, self.shuffle_seed, active)
+
+    def expert_val_batches(self, assignment: Sequence[Sequence[int]]) -> ExpertEvalBatches:
+        split = self.processed.splits["val"]
+        return ExpertEvalBatches(split, assignment, self.eval_batch_size)
