@@ -33,6 +33,21 @@ class Phase:
         return f"phase{self.index}"
 
 
+def make_adam(
+    parameters: list[torch.nn.Parameter], lr: float, weight_decay: float = 0.0
+) -> torch.optim.Adam:
+    """Adam, fused where torch supports it (CPU and CUDA since torch 2.4).
+
+    A CTR step updates many small tensors (MoE experts add 9 per expert); the
+    fused kernel updates them in one call, which measured ~1-2 ms faster per
+    step at batch 1024 on 2 CPU threads (``python -m moe_mlora.bench``).
+    """
+    try:
+        return torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay)
+
+
 def metric_safe(name: str) -> str:
     """A domain name usable as one metric-name component ("/" nests in W&B)."""
     return name.replace("/", "_").replace(" ", "_")
@@ -84,7 +99,7 @@ class CTRModule(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        return torch.optim.Adam(trainable, lr=self.lr, weight_decay=self.weight_decay)
+        return make_adam(trainable, self.lr, self.weight_decay)
 
     # ---------------------------------------------------------------- training
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
