@@ -1,4 +1,4 @@
-"""Speed and accuracy benchmark: ``python -m moe_mlora.bench [--root DIR] [--threads 2]``.
+"""Core speed and accuracy benchmark: ``python -m moe_mlora.bench [core] [--root DIR]``.
 
 Prints, for DeepFM on MovieLens (gender split, seed 123):
   1. the training-step time (forward + backward + Adam, batch 1024, the same
@@ -28,7 +28,7 @@ from moe_mlora.config import compose
 from moe_mlora.models import AdapterConfig, build_model
 from moe_mlora.training.module import make_adam
 
-DEFAULT_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"
+DEFAULT_ROOT = Path(__file__).resolve().parents[3] / "shared" / "data" / "ml-100k"
 
 
 class StepTimer:
@@ -134,7 +134,9 @@ def time_default_run(threads: int) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+        prog="python -m moe_mlora.bench core",
+        description=__doc__,
+        formatter_class=argparse.RawTextHelpFormatter,
     )
     parser.add_argument(
         "--root", type=Path, default=DEFAULT_ROOT, help="MovieLens folder (ML-100K or ML-1M)"
