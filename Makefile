@@ -45,6 +45,13 @@ format: install
 bench: install
 	$(PY) -m moe_mlora.bench $(ARGS)
 
+# The optional `bench` extra (deepctr-torch, for `python -m moe_mlora.bench parity`), installed
+# with the venv's torch pinned so it is never replaced. BENCH_PIP_ARGS="--find-links DIR" to
+# install from a local wheel.
+.PHONY: install-bench
+install-bench: install
+	$(PIP) -c $(VENV)/torch-constraint.txt $(BENCH_PIP_ARGS) -e ".[bench]"
+
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache .ruff_cache wandb *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -35,6 +35,7 @@ from moe_mlora.config import CONF_DIR, check_conf_dir, register_resolvers
 from moe_mlora.data.processed import DataError
 from moe_mlora.metrics import format_domain_table
 from moe_mlora.models import AdapterConfig, build_model
+from moe_mlora.models.complexity import complexity
 from moe_mlora.training.module import CTRModule, Phase
 from moe_mlora.training.phases import PhaseReport, Schedule, metrics_to_json
 
@@ -55,14 +56,30 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")
 
 
+# Keys of method.adapter that moved into its gate block: old name -> new name.
+RENAMED_ADAPTER_KEYS = {"gate_input": "gate.input", "gate_embedding_dim": "gate.embedding_dim"}
+
+
 def adapter_config(cfg: DictConfig, num_domains: int) -> AdapterConfig:
-    spec = dict(cfg.method.adapter)
+    """``method.adapter`` (with its ``gate`` block) and ``experts`` as an AdapterConfig.
+
+    Bad values become ConfigErrors naming the key (``method.adapter.gate.top_k``...).
+    """
+    spec = OmegaConf.to_container(cfg.method.adapter, resolve=True)
+    for old, new in RENAMED_ADAPTER_KEYS.items():
+        if old in spec:
+            raise ConfigError(f"method.adapter.{old} is now method.adapter.{new}; rename it")
     if cfg.experts is not None and int(cfg.experts) < 1:
         raise ConfigError(f"experts must be >= 1, got {cfg.experts} (or null: one per domain)")
     if spec.get("kind") == "moe":
         spec["experts"] = int(cfg.experts) if cfg.experts is not None else num_domains
-    elif cfg.experts is not None:
-        log.warning("experts=%s is ignored: method=%s has no experts", cfg.experts, cfg.method.name)
+    else:
+        if cfg.experts is not None:
+            log.warning(
+                "experts=%s is ignored: method=%s has no experts", cfg.experts, cfg.method.name
+            )
+        if spec.get("gate"):
+            log.warning("method.adapter.gate is ignored: method=%s has no gate", cfg.method.name)
     try:
         return AdapterConfig(**spec)
     except (TypeError, ValueError) as error:
@@ -130,7 +147,18 @@ def trainer_factory(cfg: DictConfig, loggers: list[Logger]):
 
 
 # -------------------------------------------------------------------- results
+FLOP_BATCH = 1024  # test rows the FLOPs are counted on (a training batch's size)
+
+
+def model_complexity(module: CTRModule, datamodule) -> dict:
+    """Forward FLOPs per sample of the final model and of its base, on test rows."""
+    test = datamodule.processed.splits["test"]
+    rows = slice(0, min(FLOP_BATCH, len(test)))
+    return complexity(module.model, test.sparse[rows], test.domain[rows])
+
+
 def build_results(cfg, module, datamodule, reports, test, wall_time, output_dir) -> dict:
+    """The run's record (results.json): run, data, parameters, flops, phases, test."""
     counts = module.model.parameter_counts()
     backbone = counts["backbone"]
     overhead = counts["adapter"] + counts["gate"]
@@ -151,6 +179,7 @@ def build_results(cfg, module, datamodule, reports, test, wall_time, output_dir)
             "adapter_overhead": overhead,
             "adapter_overhead_pct": 100.0 * overhead / backbone if backbone else math.nan,
         },
+        "flops": model_complexity(module, datamodule),
         "phases": [report.to_json() for report in reports],
         "test": metrics_to_json(test, datamodule.domain_names),
         "wall_time_s": wall_time,
@@ -186,11 +215,14 @@ def summary_table(results: dict, reports: list[PhaseReport]) -> str:
         f"test: WAUC {test['wauc']:.4f} · mean domain AUC {test['mean_auc']:.4f} · "
         f"AUC {test['auc']:.4f} · log loss {test['logloss']:.4f}"
     )
-    params = results["parameters"]
+    params, flops = results["parameters"], results["flops"]
     lines.append(
         f"parameters: backbone {params['backbone']:,} · adapter+gate {params['adapter_overhead']:,}"
-        f" ({params['adapter_overhead_pct']:.1f}% of backbone) · wall time "
-        f"{results['wall_time_s']:.1f}s"
+        f" ({params['adapter_overhead_pct']:.1f}% of backbone)"
+    )
+    lines.append(
+        f"forward FLOPs/sample: {flops['per_sample']:,.0f} (base {flops['base_per_sample']:,.0f},"
+        f" +{flops['overhead_pct']:.1f}%) · wall time {results['wall_time_s']:.1f}s"
     )
     return "\n".join(lines)
 

@@ -83,7 +83,7 @@ def test_mlora_single_layer_by_hand() -> None:
 
 @pytest.mark.parametrize("gate_input", ["domain", "domain_features"])
 def test_moe_mixture_is_the_gate_weighted_sum_of_experts(gate_input: str) -> None:
-    config = AdapterConfig(kind="moe", experts=4, gate_input=gate_input)
+    config = AdapterConfig(kind="moe", experts=4, gate={"input": gate_input})
     model = build_model("mlp", FIELDS, NUM_DOMAINS, config, hidden_units=(16, 8))
     randomise_adapters(model)
     model.eval()
@@ -139,7 +139,7 @@ def test_routing_defaults_and_validation() -> None:
 
 @pytest.mark.parametrize("gate_input", ["domain", "domain_features"])
 def test_gate_weights_are_a_distribution_per_sample(gate_input: str) -> None:
-    config = AdapterConfig(kind="moe", experts=6, gate_input=gate_input)
+    config = AdapterConfig(kind="moe", experts=6, gate={"input": gate_input})
     model = build_model("deepfm", FIELDS, NUM_DOMAINS, config)
     sparse, domain = batch()
     weights = model.gate_weights(sparse, domain)
@@ -187,10 +187,13 @@ def test_parameter_counts_by_hand() -> None:
     assert mlora == {"backbone": backbone, "adapter": 336, "gate": 0, "total": backbone + 336}
     assert mlora["adapter"] == 2 * per_expert
     # gate: domain embedding 2*2 + Linear(2 -> 3) 9; with features Linear(2 + 8 -> 3) 33
-    moe = counts(AdapterConfig(kind="moe", experts=3, lora_reduce=4, gate_embedding_dim=2))
+    moe = counts(AdapterConfig(kind="moe", experts=3, lora_reduce=4, gate={"embedding_dim": 2}))
     assert (moe["adapter"], moe["gate"]) == (3 * per_expert, 13)
     features = AdapterConfig(
-        kind="moe", experts=3, lora_reduce=4, gate_embedding_dim=2, gate_input="domain_features"
+        kind="moe",
+        experts=3,
+        lora_reduce=4,
+        gate={"embedding_dim": 2, "input": "domain_features"},
     )
     assert counts(features)["gate"] == 4 + 33
 
@@ -253,8 +256,8 @@ def test_fresh_adapter_is_lora_initialised() -> None:
         ({"kind": "moe", "experts": 0}, "experts must be >= 1, got 0"),
         ({"lora_reduce": 0}, "lora_reduce must be >= 1"),
         ({"lora_rank": 0}, "lora_rank must be >= 1"),
-        ({"gate_input": "features"}, "gate_input must be one of"),
-        ({"gate_embedding_dim": 0}, "gate_embedding_dim must be >= 1"),
+        ({"gate": {"input": "features"}}, r"gate\.input must be one of"),
+        ({"gate": {"embedding_dim": 0}}, r"gate\.embedding_dim must be >= 1"),
     ],
 )
 def test_bad_adapter_config_names_the_key(kwargs: dict, message: str) -> None:

@@ -17,7 +17,7 @@ FIELDS = [FieldSpec("user", 50), FieldSpec("item", 40), FieldSpec("domain", NUM_
 ADAPTED = [
     AdapterConfig(kind="mlora"),
     AdapterConfig(kind="moe", experts=5),
-    AdapterConfig(kind="moe", experts=2, gate_input="domain_features", lora_rank=3),
+    AdapterConfig(kind="moe", experts=2, gate={"input": "domain_features"}, lora_rank=3),
 ]
 
 
@@ -43,7 +43,7 @@ def test_forward_returns_one_logit_per_sample(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
-@pytest.mark.parametrize("config", ADAPTED, ids=lambda c: f"{c.kind}-{c.gate_input}")
+@pytest.mark.parametrize("config", ADAPTED, ids=lambda c: f"{c.kind}-{c.gate.input}")
 def test_zero_initialised_adapters_reproduce_the_base_model_exactly(
     name: str, config: AdapterConfig
 ) -> None:

@@ -7,6 +7,8 @@ import sys
 
 BENCHMARKS = {
     "core": "speed and WAUC of base / MLoRA / MoE-MLoRA on MovieLens (moe_mlora.bench.core)",
+    "taobao": "Taobao preprocessing at 10M clicks (prep), WAUC grid (moe_mlora.bench.taobao)",
+    "parity": "accuracy and speed of every backbone vs DeepCTR-Torch (moe_mlora.bench.parity)",
 }
 
 

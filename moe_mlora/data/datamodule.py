@@ -103,9 +103,58 @@ def synthetic_movielens_source(
     return movielens_source(str(root), split_by, features, seed, fractions, cache_dir, progress)
 
 
+def table_source(
+    path: str | Sequence[str] | None,
+    user_col: str = "user_id",
+    item_col: str = "item_id",
+    domain_col: str = "domain",
+    label_col: str = "label",
+    features: Sequence[str] | None = None,
+    split_col: str | None = None,
+    domains: Sequence[object] | None = None,
+    null_as_oov: bool = False,
+    separator: str = ",",
+    seed: int = 123,
+    fractions: Sequence[float] = (0.6, 0.2, 0.2),
+    cache_dir: Path | None = None,
+    progress: bool | None = None,
+) -> ProcessedData:
+    """Users' own CSV / parquet logs: one row per sample (see :mod:`moe_mlora.data.table`)."""
+    from moe_mlora.data.table import make_spec, prepare_table
+
+    if not path:
+        raise DataError(
+            "data.path is not set: give your CSV or parquet file(s), e.g. "
+            "data.path=/path/to/logs.csv, data.path='/path/to/logs/*.parquet' or "
+            "data.path=[a.csv,b.csv], and name the columns with data.user_col, data.item_col, "
+            "data.domain_col and data.label_col (see conf/data/table.yaml)"
+        )
+    spec = make_spec(
+        user_col=user_col,
+        item_col=item_col,
+        domain_col=domain_col,
+        label_col=label_col,
+        features=features,
+        split_col=split_col,
+        domains=domains,
+        null_as_oov=null_as_oov,
+        separator=separator,
+    )
+    return prepare_table(path, spec, seed, tuple(fractions), cache_dir, progress)
+
+
+def taobao_source(**options) -> ProcessedData:
+    """Taobao CloudTheme, Taobao-N themes (see :func:`moe_mlora.data.taobao.taobao_source`)."""
+    from moe_mlora.data.taobao import taobao_source as build
+
+    return build(**options)
+
+
 SOURCES: dict[str, Callable[..., ProcessedData]] = {
     "movielens": movielens_source,
     "synthetic_movielens": synthetic_movielens_source,
+    "taobao": taobao_source,
+    "table": table_source,
 }
 
 

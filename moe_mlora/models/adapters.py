@@ -16,18 +16,21 @@ The adapter has two halves, kept apart so that no backbone ever sees them:
   "off"      none: backbone only                          all
   "domain"   one_hot(domain, D)                           mlora
   "expert"   one_hot(expert, E), no gate                  mlora, moe
-  "mixture"  softmax gate, one gate for all layers        moe
+  "mixture"  gate: softmax, or its top-k renormalised     moe
   ========== ============================================ ==============
 
-MLoRA is the special case "one expert per domain, routed by domain". A new
-adapter (say a top-k gate) is one more :class:`Adapter` subclass and an entry
-in :data:`ADAPTERS`; neither the tower nor any backbone changes.
+MLoRA is the special case "one expert per domain, routed by domain". The gate
+options (input, top-k, load-balancing loss) live in :class:`GateConfig` and
+:class:`Gate`; a new adapter is one more :class:`Adapter` subclass and an
+entry in :data:`ADAPTERS`. Neither the tower nor any backbone changes.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +41,68 @@ GATE_INPUTS = ("domain", "domain_features")
 
 
 @dataclass
+class GateConfig:
+    """The MoE gate's options (``method.adapter.gate`` in the config).
+
+    ``input``: "domain" (the reference: a dense layer over a learned domain
+    embedding) or "domain_features" (that embedding concatenated with the
+    tower input). ``embedding_dim``: size of the domain embedding.
+    ``top_k``: each sample uses only its k largest gate weights, renormalised
+    to sum to 1; ``None`` (or k = E) is the dense softmax of the reference.
+    ``balance_loss_weight``: weight of the load-balancing loss
+    (:func:`balance_loss`) added to the gate phase's loss; 0 turns it off.
+    """
+
+    input: str = "domain"
+    embedding_dim: int = 8
+    top_k: int | None = None
+    balance_loss_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.input not in GATE_INPUTS:
+            raise ValueError(
+                f"gate.input must be one of {list(GATE_INPUTS)}, got {self.input!r}; "
+                f"set adapter.gate.input to one of them"
+            )
+        _check_positive("gate.embedding_dim", self.embedding_dim, "e.g. 8")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or self.top_k < 1):
+            raise ValueError(
+                f"gate.top_k must be an integer >= 1 or null, got {self.top_k!r}; "
+                f"set adapter.gate.top_k in 1..experts (null: dense softmax)"
+            )
+        weight = self.balance_loss_weight
+        if isinstance(weight, bool) or not (math.isfinite(weight) and weight >= 0):
+            raise ValueError(
+                f"gate.balance_loss_weight must be a finite number >= 0, got {weight!r}; "
+                f"set adapter.gate.balance_loss_weight >= 0 (0: no balance loss)"
+            )
+
+    @classmethod
+    def from_mapping(cls, spec: Mapping[str, Any]) -> GateConfig:
+        """A GateConfig from a mapping (YAML block), rejecting keys it does not know."""
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(str(k) for k in spec if k not in known)
+        if unknown:
+            raise ValueError(
+                f"unknown gate key(s) {', '.join(f'gate.{k}' for k in unknown)}; "
+                f"adapter.gate takes {', '.join(known)}"
+            )
+        return cls(**{str(k): v for k, v in spec.items()})
+
+    def check_experts(self, num_experts: int) -> None:
+        """top_k needs at least k experts: check once E is known."""
+        if self.top_k is not None and self.top_k > num_experts:
+            raise ValueError(
+                f"gate.top_k must be in 1..{num_experts} (the number of experts), "
+                f"got {self.top_k}; lower adapter.gate.top_k or raise experts"
+            )
+
+    def effective_top_k(self, num_experts: int) -> int | None:
+        """k, or None when every expert is kept (k = E is exactly the dense softmax)."""
+        return None if self.top_k is None or self.top_k >= num_experts else self.top_k
+
+
+@dataclass
 class AdapterConfig:
     """Which adapter the tower's Linear layers carry, and its sizes.
 
@@ -45,17 +110,15 @@ class AdapterConfig:
     (``experts`` LoRA experts mixed by a gate). Rank per layer is
     ``max(1, out_features // lora_reduce)`` unless ``lora_rank`` fixes it.
     ``experts`` is the MoE expert count E (default: the number of domains);
-    MLoRA ignores it. ``gate_input``: "domain" (the reference: a dense layer
-    over a learned domain embedding) or "domain_features" (domain embedding
-    concatenated with the tower input).
+    MLoRA ignores it. ``gate``: the MoE gate's options, a :class:`GateConfig`
+    or a mapping of its fields (other kinds ignore it).
     """
 
     kind: str = "none"
     lora_reduce: int = 32
     lora_rank: int | None = None
     experts: int | None = None
-    gate_input: str = "domain"
-    gate_embedding_dim: int = 8
+    gate: GateConfig = field(default_factory=GateConfig)
 
     def __post_init__(self) -> None:
         if self.kind not in ADAPTERS:
@@ -63,15 +126,20 @@ class AdapterConfig:
                 f"kind must be one of {sorted(ADAPTERS)}, got {self.kind!r}; "
                 f"set adapter.kind to one of them"
             )
-        if self.gate_input not in GATE_INPUTS:
+        if self.gate is None:
+            self.gate = GateConfig()
+        elif isinstance(self.gate, Mapping):
+            self.gate = GateConfig.from_mapping(self.gate)
+        elif not isinstance(self.gate, GateConfig):
             raise ValueError(
-                f"gate_input must be one of {list(GATE_INPUTS)}, got {self.gate_input!r}; "
-                f"set adapter.gate_input to one of them"
+                f"gate must be a mapping of gate options, got {self.gate!r}; "
+                f"write adapter.gate as a block (input, embedding_dim, top_k, balance_loss_weight)"
             )
         _check_positive("lora_reduce", self.lora_reduce, "e.g. 32 (MovieLens) or 256 (Taobao)")
         _check_positive("lora_rank", self.lora_rank, "or leave it unset to use lora_reduce")
         _check_positive("experts", self.experts, "or leave it unset for one per domain")
-        _check_positive("gate_embedding_dim", self.gate_embedding_dim, "e.g. 8")
+        if self.kind == "moe" and self.experts is not None:
+            self.gate.check_experts(self.experts)
 
     def rank(self, out_features: int) -> int:
         """LoRA rank of a layer with ``out_features`` outputs."""
@@ -157,30 +225,77 @@ class AdaptedLinear(nn.Module):
 
 
 class Gate(nn.Module):
-    """Softmax over E experts from a learned domain embedding (and optionally the tower input).
+    """Gate over E experts from a learned domain embedding (and optionally the tower input).
 
-    With ``input_dim == 0`` (gate_input "domain", the reference) the weights
-    depend on the domain only, so they are computed for the D domains and
-    gathered per sample. Otherwise (gate_input "domain_features") the domain
-    embedding is concatenated with the tower input ``[B, input_dim]``.
+    With ``input_dim == 0`` (gate input "domain", the reference) the weights
+    depend on the domain only, so they are computed (softmax and top-k) on the
+    ``[D, E]`` table of the D domains and gathered per sample. Otherwise (gate
+    input "domain_features") the domain embedding is concatenated with the
+    tower input ``[B, input_dim]``. ``top_k`` keeps each row's k largest
+    weights, renormalised (``None``: the dense softmax).
     """
 
     def __init__(
-        self, num_domains: int, num_experts: int, embedding_dim: int, input_dim: int = 0
+        self,
+        num_domains: int,
+        num_experts: int,
+        embedding_dim: int,
+        input_dim: int = 0,
+        top_k: int | None = None,
     ) -> None:
         super().__init__()
         self.input_dim = input_dim
+        self.top_k = top_k
         self.domain_embedding = nn.Embedding(num_domains, embedding_dim)
         self.proj = nn.Linear(embedding_dim + input_dim, num_experts)
 
-    def forward(self, domain: Tensor, features: Tensor | None = None) -> Tensor:
+    def route(self, domain: Tensor, features: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(weights, probabilities)``, both ``[B, E]``: the routing weights (top-k
+        applied) and the dense softmax they come from (what the balance loss needs)."""
         if self.input_dim == 0:
-            per_domain = torch.softmax(self.proj(self.domain_embedding.weight), dim=-1)
-            return per_domain[domain]
+            probs = torch.softmax(self.proj(self.domain_embedding.weight), dim=-1)  # [D, E]
+            return top_k_weights(probs, self.top_k)[domain], probs[domain]
         if features is None:
-            raise ValueError("this gate (gate_input='domain_features') needs the tower input")
+            raise ValueError("this gate (gate.input='domain_features') needs the tower input")
         inputs = torch.cat((self.domain_embedding(domain), features), dim=1)
-        return torch.softmax(self.proj(inputs), dim=-1)
+        probs = torch.softmax(self.proj(inputs), dim=-1)
+        return top_k_weights(probs, self.top_k), probs
+
+    def forward(self, domain: Tensor, features: Tensor | None = None) -> Tensor:
+        """The routing weights ``[B, E]``: each row sums to 1, at most k nonzero."""
+        return self.route(domain, features)[0]
+
+
+def top_k_weights(probs: Tensor, k: int | None) -> Tensor:
+    """Keep each row's k largest probabilities, renormalised to sum to 1; zeros elsewhere.
+
+    Batched (``topk`` + ``scatter``), no loop over experts. ``None`` returns
+    ``probs`` unchanged. Renormalising equals a softmax over the k chosen
+    logits, so with k = 1 the weight is exactly 1 and carries no gradient to
+    the gate (only the balance loss then trains it).
+    """
+    if k is None or k >= probs.shape[-1]:
+        return probs
+    values, index = probs.topk(k, dim=-1)
+    values = values / values.sum(dim=-1, keepdim=True)
+    return torch.zeros_like(probs).scatter(-1, index, values)
+
+
+def balance_loss(weights: Tensor, probs: Tensor) -> Tensor:
+    """Load-balancing loss ``E * sum_e f_e * P_e`` over a batch (Switch Transformer's form).
+
+    ``f_e = mean_b weights[b, e]``: the fraction of the batch's routing mass
+    sent to expert e (after top-k; with k = 1 the fraction of samples routed
+    to e, Switch's f). ``P_e = mean_b probs[b, e]``: the mean dense gate
+    probability. Both sum to 1 over e, so the loss is 1 when routing is
+    uniform (its minimum for the dense gate, where f = P and the loss is
+    ``E * sum_e P_e^2 >= 1``) and E when everything goes to one expert.
+    Gradients flow through both factors. (Switch's f is a count, so it gets
+    none; for the dense gate that would only halve the gradient, with the
+    same minimum.)
+    """
+    num_experts = weights.shape[-1]
+    return num_experts * (weights.mean(dim=0) * probs.mean(dim=0)).sum()
 
 
 def one_hot(index: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:
@@ -211,6 +326,7 @@ class Adapter(nn.Module):
         self.config = config
         self.num_domains = num_domains
         self.num_experts = 0
+        self._auxiliary_loss: Tensor | None = None  # set by the last forward, if any
 
     def check_routing(self, routing: str) -> None:
         if routing not in self.routings:
@@ -228,11 +344,28 @@ class Adapter(nn.Module):
     def gate_weights(self, tower_input: Tensor, domain: Tensor) -> Tensor:
         raise ValueError(f"adapter kind {self.kind!r} has no gate; gate weights need kind 'moe'")
 
+    def mixture(self, tower_input: Tensor, domain: Tensor) -> Tensor:
+        """Weights for routing "mixture"; adapters with a gate may record side results here."""
+        return self.gate_weights(tower_input, domain)
+
+    def auxiliary_loss(self) -> Tensor | None:
+        """The last forward's auxiliary loss (unweighted), or None when it had none.
+
+        Reset by every forward, so a value never outlives the batch it came from.
+        """
+        return self._auxiliary_loss
+
+    @property
+    def auxiliary_loss_weight(self) -> float:
+        """Weight of :meth:`auxiliary_loss` in the loss of the phase that trains the gate."""
+        return 0.0
+
     def mixture_weights(
         self, routing: str, tower_input: Tensor, domain: Tensor, expert: Tensor | None
     ) -> Tensor | None:
         """``[B, E]`` weights of the experts for this batch, or ``None`` when routing is off."""
         self.check_routing(routing)
+        self._auxiliary_loss = None
         if routing == "off":
             return None
         if routing == "domain":
@@ -244,7 +377,7 @@ class Adapter(nn.Module):
                     "call model(sparse, domain, expert=LongTensor[B])"
                 )
             return one_hot(expert, self.num_experts, tower_input.dtype)
-        return self.gate_weights(tower_input, domain)
+        return self.mixture(tower_input, domain)
 
 
 class NoAdapter(Adapter):
@@ -264,7 +397,12 @@ class MLoRAAdapter(Adapter):
 
 
 class MoEAdapter(Adapter):
-    """MoE-MLoRA: E LoRA experts mixed by one softmax gate shared by all tower layers."""
+    """MoE-MLoRA: E LoRA experts mixed by one gate shared by all tower layers.
+
+    With ``gate.balance_loss_weight > 0`` every "mixture" forward records the
+    batch's :func:`balance_loss`, read back by :meth:`Adapter.auxiliary_loss`,
+    so the training step can add it without the backbone passing anything on.
+    """
 
     kind = "moe"
     routings = ("off", "expert", "mixture")
@@ -273,11 +411,29 @@ class MoEAdapter(Adapter):
     def __init__(self, config: AdapterConfig, num_domains: int, tower_input_dim: int) -> None:
         super().__init__(config, num_domains, tower_input_dim)
         self.num_experts = config.experts if config.experts is not None else num_domains
-        gate_dim = tower_input_dim if config.gate_input == "domain_features" else 0
-        self.gate = Gate(num_domains, self.num_experts, config.gate_embedding_dim, gate_dim)
+        gate = config.gate
+        gate.check_experts(self.num_experts)
+        self.gate = Gate(
+            num_domains,
+            self.num_experts,
+            gate.embedding_dim,
+            tower_input_dim if gate.input == "domain_features" else 0,
+            gate.effective_top_k(self.num_experts),
+        )
 
     def gate_weights(self, tower_input: Tensor, domain: Tensor) -> Tensor:
         return self.gate(domain, tower_input)
+
+    def mixture(self, tower_input: Tensor, domain: Tensor) -> Tensor:
+        if self.auxiliary_loss_weight == 0:
+            return self.gate(domain, tower_input)
+        weights, probs = self.gate.route(domain, tower_input)
+        self._auxiliary_loss = balance_loss(weights, probs)
+        return weights
+
+    @property
+    def auxiliary_loss_weight(self) -> float:
+        return float(self.config.gate.balance_loss_weight)
 
 
 ADAPTERS: dict[str, type[Adapter]] = {"none": NoAdapter, "mlora": MLoRAAdapter, "moe": MoEAdapter}

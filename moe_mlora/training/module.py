@@ -66,6 +66,18 @@ def expert_mean_bce(
     return (per_row / rows_per_expert[expert]).sum()
 
 
+def adapter_auxiliary_loss(model: torch.nn.Module) -> tuple[float, torch.Tensor | None]:
+    """``(weight, loss)`` of the auxiliary loss the model's adapter recorded in its last forward.
+
+    The adapter (not the backbone) owns the gate, so the loss is read from
+    ``model.tower.adapter``; a model without one has none (``(0.0, None)``).
+    """
+    adapter = getattr(getattr(model, "tower", None), "adapter", None)
+    if adapter is None:
+        return 0.0, None
+    return adapter.auxiliary_loss_weight, adapter.auxiliary_loss()
+
+
 class CTRModule(L.LightningModule):
     """Binary cross-entropy training and weighted-AUC evaluation of a CTR model."""
 
@@ -109,6 +121,8 @@ class CTRModule(L.LightningModule):
             loss = expert_mean_bce(logits, batch["label"], batch["expert"])
         else:
             loss = F.binary_cross_entropy_with_logits(logits, batch["label"])
+        if self.phase.kind == "gate":
+            loss = loss + self._gate_auxiliary_loss(len(batch["label"]))
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"non-finite loss {loss.item()} in {self.phase.prefix} ({self.phase.kind}), "
@@ -123,6 +137,24 @@ class CTRModule(L.LightningModule):
             batch_size=len(batch["label"]),
         )
         return loss
+
+    def _gate_auxiliary_loss(self, batch_size: int) -> torch.Tensor | float:
+        """``weight * balance loss`` while the gate trains (phase 3), logged unweighted.
+
+        Only phase 3 adds it: earlier phases do not train the gate, and base
+        or MLoRA have none. Zero when the weight is 0 (the reference).
+        """
+        weight, auxiliary = adapter_auxiliary_loss(self.model)
+        if weight == 0 or auxiliary is None:
+            return 0.0
+        self.log(
+            f"{self.phase.prefix}/train/balance_loss",
+            auxiliary,
+            on_step=False,
+            on_epoch=True,
+            batch_size=batch_size,
+        )
+        return weight * auxiliary
 
     def on_after_backward(self) -> None:
         """Leave absent experts' grads None so Adam skips them, as if trained alone."""

@@ -8,13 +8,27 @@ from typing import Any
 
 from moe_mlora.data.processed import FieldSpec
 from moe_mlora.models.adapters import AdapterConfig
+from moe_mlora.models.backbones.autoint import AutoInt
 from moe_mlora.models.backbones.base import CTRModel
+from moe_mlora.models.backbones.dcn import DCN
 from moe_mlora.models.backbones.deepfm import DeepFM
+from moe_mlora.models.backbones.fibinet import FiBiNET
 from moe_mlora.models.backbones.mlp import MLP
+from moe_mlora.models.backbones.nfm import NFM
+from moe_mlora.models.backbones.pnn import PNN
+from moe_mlora.models.backbones.wdl import WDL
+from moe_mlora.models.backbones.xdeepfm import XDeepFM
 
 MODELS: dict[str, type[CTRModel]] = {
+    "autoint": AutoInt,
+    "dcn": DCN,
     "deepfm": DeepFM,
+    "fibinet": FiBiNET,
     "mlp": MLP,
+    "nfm": NFM,
+    "pnn": PNN,
+    "wdl": WDL,
+    "xdeepfm": XDeepFM,
 }
 
 
