@@ -1,6 +1,7 @@
 """Command line: write synthetic stand-ins for datasets we may not redistribute.
 
     python -m moe_mlora.data.generate movielens --format ml-1m --out data/ml-1m-synth
+    python -m moe_mlora.data.generate taobao --out data/cloudtheme --clicks 1000000
 
 Each source is one subcommand; to add one, write an ``_add_<source>(subparsers)``
 function that registers its parser with ``set_defaults(run=...)`` and list it in
@@ -14,6 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from moe_mlora.data.synthetic_movielens import FORMATS, generate_movielens
+from moe_mlora.data.synthetic_taobao import generate_taobao
 
 _FORMATTER = argparse.ArgumentDefaultsHelpFormatter
 
@@ -60,7 +62,74 @@ def _add_movielens(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=_run_movielens)
 
 
-SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_movielens,)
+def _run_taobao(args: argparse.Namespace) -> str:
+    out = generate_taobao(
+        args.out,
+        n_themes=args.themes,
+        n_users=args.users,
+        n_items=args.items,
+        n_clicks=args.clicks,
+        seed=args.seed,
+        dim=args.dim,
+        heterogeneity=args.heterogeneity,
+        noise=args.noise,
+        missing_vectors=args.missing_vectors,
+    )
+    return (
+        f"wrote synthetic Taobao CloudTheme data ({args.themes} themes, {args.users} users, "
+        f"{args.items} items, {args.clicks} clicks, heterogeneity {args.heterogeneity}, "
+        f"seed {args.seed}) to {out}"
+    )
+
+
+def _add_taobao(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "taobao",
+        help="Taobao CloudTheme files (Tianchi 9716) with planted theme heterogeneity",
+        description=(
+            "Write the five CloudTheme files (theme_click_log.csv, user_embedding.csv, "
+            "item_embedding.csv, theme_item_pool.csv, user_item_purchase_log.csv) in the real "
+            "format, streamed in chunks (bounded memory at any size). Clicks depend on "
+            "user x item x theme; see moe_mlora/data/synthetic_taobao.py. Train on them with: "
+            "python -m moe_mlora.run data=taobao20 data.root=OUT"
+        ),
+        formatter_class=_FORMATTER,
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        default=argparse.SUPPRESS,
+        help="output folder (created if missing; never overwrites other data)",
+    )
+    parser.add_argument("--themes", type=int, default=30, help="number of themes (domains)")
+    parser.add_argument("--users", type=int, default=20_000, help="number of users")
+    parser.add_argument("--items", type=int, default=8_000, help="number of items")
+    parser.add_argument("--clicks", type=int, default=1_000_000, help="rows of the click log")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (output is deterministic)")
+    parser.add_argument("--dim", type=int, default=128, help="pretrained vector width")
+    parser.add_argument(
+        "--heterogeneity",
+        type=float,
+        default=0.5,
+        help="0..1: how differently themes map user tastes to clicks (0: all alike)",
+    )
+    parser.add_argument(
+        "--noise", type=float, default=0.5, help="noise std of the pretrained vectors"
+    )
+    parser.add_argument(
+        "--missing-vectors",
+        type=float,
+        default=0.02,
+        help="share of users and items written without a vector",
+    )
+    parser.set_defaults(run=_run_taobao)
+
+
+SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
+    _add_movielens,
+    _add_taobao,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

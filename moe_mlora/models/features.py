@@ -5,7 +5,10 @@ Every backbone starts here. A field gets its own learned ``nn.Embedding``
 :class:`~moe_mlora.data.processed.FieldSpec` carries a ``pretrained`` table
 (Taobao's 128-d user and item vectors): then that table is used *frozen* and a
 learned linear projection maps it to ``dim``, so every field has the same width
-and FM-style interactions between fields stay defined.
+and FM-style interactions between fields stay defined. A spec whose
+``freeze_pretrained`` attribute is False (Taobao's ``data.freeze_pretrained=false``)
+gets a trainable table initialised from the vectors instead, with the same
+projection.
 """
 
 from __future__ import annotations
@@ -29,11 +32,18 @@ class PretrainedEmbedding(nn.Module):
     not copied into every checkpoint (the model is always built from the
     processed data, which holds the table). It still moves with ``.to(device)``.
     The projection has no bias, so a zero vector stays zero.
+
+    With ``freeze=False`` the table is instead an ``nn.Parameter`` initialised
+    from the vectors (fine-tuned with the backbone, counted and checkpointed).
     """
 
-    def __init__(self, table: Tensor, dim: int) -> None:
+    def __init__(self, table: Tensor, dim: int, freeze: bool = True) -> None:
         super().__init__()
-        self.register_buffer("table", table.detach().float().clone(), persistent=False)
+        table = table.detach().float().clone()
+        if freeze:
+            self.register_buffer("table", table, persistent=False)
+        else:
+            self.table = nn.Parameter(table)
         self.proj = nn.Linear(table.shape[1], dim, bias=False)
 
     def forward(self, index: Tensor) -> Tensor:
@@ -79,7 +89,7 @@ class FieldEmbeddings(nn.Module):
         self.tables = nn.ModuleList(
             _learned_embedding(spec.vocab_size, dim)
             if spec.pretrained is None
-            else PretrainedEmbedding(spec.pretrained, dim)
+            else PretrainedEmbedding(spec.pretrained, dim, getattr(spec, "freeze_pretrained", True))
             for spec in fields
         )
 
