@@ -27,14 +27,16 @@ class FieldSpec:
     """One categorical input field.
 
     ``vocab_size`` counts index 0 (out-of-vocabulary), so valid indices are
-    ``0 .. vocab_size - 1``. ``pretrained`` optionally holds a frozen embedding
+    ``0 .. vocab_size - 1``. ``pretrained`` optionally holds an embedding
     table of shape ``[vocab_size, dim]`` (row 0 for OOV), as Taobao's user and
-    item vectors.
+    item vectors; ``freeze_pretrained`` says whether the model keeps it frozen
+    (the default) or fine-tunes it.
     """
 
     name: str
     vocab_size: int
     pretrained: torch.Tensor | None = None
+    freeze_pretrained: bool = True
 
     def describe(self) -> dict:
         dim = None if self.pretrained is None else int(self.pretrained.shape[1])

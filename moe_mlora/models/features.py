@@ -6,7 +6,7 @@ Every backbone starts here. A field gets its own learned ``nn.Embedding``
 (Taobao's 128-d user and item vectors): then that table is used *frozen* and a
 learned linear projection maps it to ``dim``, so every field has the same width
 and FM-style interactions between fields stay defined. A spec whose
-``freeze_pretrained`` attribute is False (Taobao's ``data.freeze_pretrained=false``)
+``freeze_pretrained`` is False (Taobao's ``data.freeze_pretrained=false``)
 gets a trainable table initialised from the vectors instead, with the same
 projection.
 """
@@ -89,7 +89,7 @@ class FieldEmbeddings(nn.Module):
         self.tables = nn.ModuleList(
             _learned_embedding(spec.vocab_size, dim)
             if spec.pretrained is None
-            else PretrainedEmbedding(spec.pretrained, dim, getattr(spec, "freeze_pretrained", True))
+            else PretrainedEmbedding(spec.pretrained, dim, spec.freeze_pretrained)
             for spec in fields
         )
 
