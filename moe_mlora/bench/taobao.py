@@ -85,12 +85,12 @@ def _prep_child(argv: list[str]) -> None:
 
 def prep(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m moe_mlora.bench taobao prep")
-    parser.add_argument("--clicks", type=int, default=10_000_000)
+    parser.add_argument("--clicks", type=int, default=10_000_000, help="clicks to generate")
     parser.add_argument("--users", type=int, default=None, help="default: clicks / 20")
     parser.add_argument("--items", type=int, default=None, help="default: clicks / 50")
     parser.add_argument("--themes", type=int, default=30, help="Taobao-N to build (and generate)")
     parser.add_argument("--seed", type=int, default=7, help="generator seed")
-    parser.add_argument("--cache-dir", type=Path, default=None)
+    parser.add_argument("--cache-dir", type=Path, default=None, help="default: the cache folder")
     args = parser.parse_args(argv)
     cache = (args.cache_dir or default_cache_dir()) / "bench"
     users = args.users or max(100, args.clicks // 20)
@@ -206,18 +206,28 @@ def _labels(runs: list[dict]) -> list[str]:
 
 def grid(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m moe_mlora.bench taobao grid")
-    parser.add_argument("--clicks", type=int, default=100_000)
-    parser.add_argument("--users", type=int, default=6_000)
-    parser.add_argument("--items", type=int, default=3_000)
-    parser.add_argument("--generator-seed", type=int, default=7)
-    parser.add_argument("--themes", type=int, nargs="+", default=[10, 20, 30])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--model", default="deepfm")
+    parser.add_argument("--clicks", type=int, default=100_000, help="clicks to generate")
+    parser.add_argument("--users", type=int, default=6_000, help="users to generate")
+    parser.add_argument("--items", type=int, default=3_000, help="items to generate")
+    parser.add_argument("--generator-seed", type=int, default=7, help="generator seed")
+    parser.add_argument(
+        "--themes", type=int, nargs="+", default=[10, 20, 30], help="the N of each Taobao-N"
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(METHODS),
+        choices=METHODS,
+        help="moe_mlora:N has one expert per theme, moe_mlora:2N two",
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="run seeds")
+    parser.add_argument("--model", default="deepfm", help="backbone")
     parser.add_argument("--max-epochs", type=int, default=10, help="per phase (early stopping)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--cache-dir", type=Path, default=None)
-    parser.add_argument("--out", type=Path, default=REPO / "experiments" / "taobao.md")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="default: the cache folder")
+    parser.add_argument(
+        "--out", type=Path, default=REPO / "experiments" / "taobao.md", help="markdown table"
+    )
     parser.add_argument("--runs-dir", type=Path, default=None, help="run folders (default: temp)")
     args = parser.parse_args(argv)
     args.argv = argv
