@@ -105,21 +105,17 @@ def synthetic_movielens_source(
 
 def table_source(
     path: str | Sequence[str] | None,
-    user_col: str = "user_id",
-    item_col: str = "item_id",
-    domain_col: str = "domain",
-    label_col: str = "label",
-    features: Sequence[str] | None = None,
-    split_col: str | None = None,
-    domains: Sequence[object] | None = None,
-    null_as_oov: bool = False,
-    separator: str = ",",
     seed: int = 123,
     fractions: Sequence[float] = (0.6, 0.2, 0.2),
     cache_dir: Path | None = None,
     progress: bool | None = None,
+    **columns,
 ) -> ProcessedData:
-    """Users' own CSV / parquet logs: one row per sample (see :mod:`moe_mlora.data.table`)."""
+    """Users' own CSV / parquet logs: one row per sample (see :mod:`moe_mlora.data.table`).
+
+    ``columns`` are :func:`moe_mlora.data.table.make_spec`'s options (column names,
+    features, split column, domain order, ...).
+    """
     from moe_mlora.data.table import make_spec, prepare_table
 
     if not path:
@@ -129,18 +125,7 @@ def table_source(
             "data.path=[a.csv,b.csv], and name the columns with data.user_col, data.item_col, "
             "data.domain_col and data.label_col (see conf/data/table.yaml)"
         )
-    spec = make_spec(
-        user_col=user_col,
-        item_col=item_col,
-        domain_col=domain_col,
-        label_col=label_col,
-        features=features,
-        split_col=split_col,
-        domains=domains,
-        null_as_oov=null_as_oov,
-        separator=separator,
-    )
-    return prepare_table(path, spec, seed, tuple(fractions), cache_dir, progress)
+    return prepare_table(path, make_spec(**columns), seed, tuple(fractions), cache_dir, progress)
 
 
 def taobao_source(**options) -> ProcessedData:

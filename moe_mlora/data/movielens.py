@@ -21,12 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-import torch
 from tqdm.auto import tqdm
 
 from moe_mlora.data.cache import load_or_build
-from moe_mlora.data.processed import SPLITS, DataError, FieldSpec, ProcessedData, SplitTensors
-from moe_mlora.data.splits import stratified_domain_split
+from moe_mlora.data.processed import DataError, FieldSpec, ProcessedData
+from moe_mlora.data.splits import check_fractions, split_tensors, stratified_domain_split
 
 SPLIT_BY = ("gender", "age", "occupation")
 BASE_FEATURES = ("user", "item", "domain")
@@ -322,22 +321,7 @@ def _check_options(split_by: str, features: Sequence[str], fractions: Sequence[f
         raise DataError(f"unknown MovieLens feature(s) {unknown}; valid: {', '.join(FEATURES)}")
     if not features or len(set(features)) != len(features):
         raise DataError(f"features must be non-empty and without repeats, got {list(features)}")
-    if len(fractions) != 3 or abs(sum(fractions) - 1) > 1e-6 or min(fractions) < 0:
-        raise DataError(f"fractions must be (train, val, test) summing to 1, got {fractions}")
-
-
-def _split_tensors(
-    sparse: np.ndarray, domain: np.ndarray, label: np.ndarray, codes: np.ndarray
-) -> dict[str, SplitTensors]:
-    out = {}
-    for code, name in enumerate(SPLITS):
-        mask = codes == code
-        out[name] = SplitTensors(
-            sparse=torch.from_numpy(np.ascontiguousarray(sparse[mask])),
-            domain=torch.from_numpy(domain[mask]),
-            label=torch.from_numpy(label[mask]),
-        )
-    return out
+    check_fractions(fractions)
 
 
 # ----------------------------------------------------------------------------- public
@@ -396,7 +380,7 @@ def build_movielens(
 
         bar.set_postfix_str("split")
         codes = stratified_domain_split(domain, label, fractions, seed)
-        splits = _split_tensors(sparse, domain.astype(np.int64), label, codes)
+        splits = split_tensors(sparse, domain.astype(np.int64), label, codes)
         bar.update()
     finally:
         bar.close()

@@ -12,18 +12,37 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import torch
+
+from moe_mlora.data.processed import SPLITS, DataError, SplitTensors
 
 TRAIN, VAL, TEST = 0, 1, 2
 
 
-def _check_fractions(fractions: Sequence[float]) -> np.ndarray:
-    fr = np.asarray(fractions, dtype=np.float64)
-    if fr.shape != (3,) or (fr < 0).any() or abs(fr.sum() - 1.0) > 1e-6:
-        raise ValueError(
-            f"fractions must be three non-negative numbers (train, val, test) summing to 1, "
-            f"got {tuple(fractions)}"
+def check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
+    """``(train, val, test)`` as floats; a DataError naming ``data.fractions`` otherwise."""
+    fr = tuple(float(f) for f in fractions)
+    if len(fr) != 3 or min(fr) < 0 or abs(sum(fr) - 1.0) > 1e-6:
+        raise DataError(
+            "data.fractions must be three non-negative numbers (train, val, test) summing to 1, "
+            f"got {list(fr)}"
         )
-    return fr
+    return fr  # type: ignore[return-value]
+
+
+def split_tensors(
+    sparse: np.ndarray, domain: np.ndarray, label: np.ndarray, codes: np.ndarray
+) -> dict[str, SplitTensors]:
+    """Rows of each split code (see :func:`stratified_domain_split`) as contiguous tensors."""
+    out = {}
+    for code, name in enumerate(SPLITS):
+        mask = codes == code
+        out[name] = SplitTensors(
+            sparse=torch.from_numpy(np.ascontiguousarray(sparse[mask])),
+            domain=torch.from_numpy(np.ascontiguousarray(domain[mask])),
+            label=torch.from_numpy(np.ascontiguousarray(label[mask])),
+        )
+    return out
 
 
 def stratified_domain_split(
@@ -48,7 +67,7 @@ def stratified_domain_split(
         raise ValueError(
             f"domain and label must be 1-D and of equal length, got {domain.shape}, {label.shape}"
         )
-    fr = _check_fractions(fractions)
+    fr = np.asarray(check_fractions(fractions))
     n = domain.shape[0]
     if n == 0:
         return np.zeros(0, dtype=np.int8)

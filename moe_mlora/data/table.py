@@ -30,12 +30,11 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-import torch
 from tqdm.auto import tqdm
 
 from moe_mlora.data.cache import load_or_build
-from moe_mlora.data.processed import SPLITS, DataError, FieldSpec, ProcessedData, SplitTensors
-from moe_mlora.data.splits import stratified_domain_split
+from moe_mlora.data.processed import SPLITS, DataError, FieldSpec, ProcessedData
+from moe_mlora.data.splits import check_fractions, split_tensors, stratified_domain_split
 
 ROLES = ("user", "item", "domain")  # names in ``features`` that mean the configured columns
 DEFAULT_FEATURES = ROLES
@@ -146,13 +145,6 @@ def make_spec(
         bool(null_as_oov),
         separator,
     )
-
-
-def _check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
-    fr = tuple(float(f) for f in fractions)
-    if len(fr) != 3 or abs(sum(fr) - 1) > 1e-6 or min(fr) < 0:
-        raise DataError(f"data.fractions must be (train, val, test) summing to 1, got {list(fr)}")
-    return fr  # type: ignore[return-value]
 
 
 # ----------------------------------------------------------------------------- files
@@ -362,20 +354,6 @@ def _warn_empty_domains(codes: np.ndarray, domain: np.ndarray, names: list[str])
             )
 
 
-def _split_tensors(
-    sparse: np.ndarray, domain: np.ndarray, label: np.ndarray, codes: np.ndarray
-) -> dict[str, SplitTensors]:
-    out = {}
-    for code, name in enumerate(SPLITS):
-        mask = codes == code
-        out[name] = SplitTensors(
-            sparse=torch.from_numpy(np.ascontiguousarray(sparse[mask])),
-            domain=torch.from_numpy(np.ascontiguousarray(domain[mask])),
-            label=torch.from_numpy(np.ascontiguousarray(label[mask])),
-        )
-    return out
-
-
 # ----------------------------------------------------------------------------- public
 
 
@@ -404,7 +382,7 @@ def build_table(
     rows keep the files' order (files sorted within a glob), which with
     ``seed`` fixes the stratified split.
     """
-    fractions = _check_fractions(fractions)
+    fractions = check_fractions(fractions)
     files = resolve_files(path)
     rows = _read_all(files, spec, progress)
     bar = tqdm(total=3, desc="table: process", unit="stage", disable=_disable(progress))
@@ -432,7 +410,7 @@ def build_table(
         if split_codes is None:
             split_codes = stratified_domain_split(domain, label, fractions, seed)
         _warn_empty_domains(split_codes, domain, domain_names)
-        splits = _split_tensors(sparse, domain, label, split_codes)
+        splits = split_tensors(sparse, domain, label, split_codes)
         bar.update()
     finally:
         bar.close()
@@ -466,7 +444,7 @@ def prepare_table(
     :data:`PROTOCOL_VERSION`; the files' sizes and mtimes are fingerprinted,
     so an edited, added or removed file (a glob is re-expanded) rebuilds.
     """
-    fractions = _check_fractions(fractions)
+    fractions = check_fractions(fractions)
     files = resolve_files(path)
     key = {
         "source": "table",

@@ -60,8 +60,8 @@ import torch
 from tqdm.auto import tqdm
 
 from moe_mlora.data.cache import default_cache_dir, load_or_build
-from moe_mlora.data.processed import SPLITS, DataError, FieldSpec, ProcessedData, SplitTensors
-from moe_mlora.data.splits import stratified_domain_split
+from moe_mlora.data.processed import DataError, FieldSpec, ProcessedData
+from moe_mlora.data.splits import check_fractions, split_tensors, stratified_domain_split
 from moe_mlora.data.synthetic_taobao import (
     CLICK_LOG,
     ITEM_EMBEDDING,
@@ -440,23 +440,10 @@ def _unusable_themes(theme, label, n_themes) -> dict[int, str]:
     return out
 
 
-def _split_tensors(sparse, domain, label, codes) -> dict[str, SplitTensors]:
-    out = {}
-    for code, name in enumerate(SPLITS):
-        mask = codes == code
-        out[name] = SplitTensors(
-            sparse=torch.from_numpy(np.ascontiguousarray(sparse[mask])),
-            domain=torch.from_numpy(np.ascontiguousarray(domain[mask])),
-            label=torch.from_numpy(np.ascontiguousarray(label[mask])),
-        )
-    return out
-
-
 def _check_options(themes: int, fractions: Sequence[float], ratio_range: Sequence[float]) -> None:
     if int(themes) < 1:
         raise DataError(f"data.themes must be >= 1, got {themes}")
-    if len(fractions) != 3 or abs(sum(fractions) - 1) > 1e-6 or min(fractions) < 0:
-        raise DataError(f"fractions must be (train, val, test) summing to 1, got {fractions}")
+    check_fractions(fractions)
     low, high = ratio_range
     if not 0 < low <= high <= 1:
         raise DataError(f"ctr_ratio range must satisfy 0 < low <= high <= 1, got {ratio_range}")
@@ -540,7 +527,7 @@ def _assemble(clicks, theme, user, item, label, ratios, seed, fractions) -> Proc
     return ProcessedData(
         fields=fields,
         domain_names=domain_names,
-        splits=_split_tensors(sparse, domain, label, codes),
+        splits=split_tensors(sparse, domain, label, codes),
         vocabularies={
             "user": clicks.user_vocab,
             "item": clicks.item_vocab,
