@@ -59,6 +59,34 @@ def cache_entry_dir(cache_dir: Path, key: dict, raw_files: list[Path], label: st
     return Path(cache_dir) / "processed" / f"{safe_label}-{digest}"
 
 
+def write_atomically(target: Path, write: Callable[[Path], object]) -> bool:
+    """Fill a fresh folder beside ``target`` with ``write(folder)``, then rename it to ``target``.
+
+    A crash never leaves a half-written ``target``. If a concurrent writer got
+    there first (``target`` is already a non-empty folder), theirs is kept and
+    ours discarded. Returns whether ours was placed.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        write(staging)
+        try:
+            os.replace(staging, target)  # also replaces an empty folder
+        except OSError:
+            if not target.is_dir():
+                raise
+            return False
+        return True
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def generated_dir(cache_dir: Path, prefix: str, params: dict) -> Path:
+    """Where generated stand-in files for ``params`` live: ``<cache>/generated/<prefix>-<hash>``."""
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(cache_dir) / "generated" / f"{prefix}-{digest}"
+
+
 def _try_load(entry: Path) -> ProcessedData | None:
     try:
         data = ProcessedData.load(entry)
@@ -73,22 +101,15 @@ def _try_load(entry: Path) -> ProcessedData | None:
 
 
 def _store(entry: Path, data: ProcessedData, key: dict, raw_files: list[Path]) -> None:
-    """Save into a temp dir beside ``entry``, then rename it into place atomically."""
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.tmp-", dir=entry.parent))
-    try:
-        data.save(tmp)
+    """Save the entry with its key record, atomically (see :func:`write_atomically`)."""
+
+    def write(folder: Path) -> None:
+        data.save(folder)
         record = {"key": key, "files": file_fingerprint(raw_files)}
-        (tmp / _KEY_FILE).write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
-        try:
-            os.replace(tmp, entry)
-        except OSError:
-            if not entry.is_dir():  # a concurrent writer may have won the race: keep theirs
-                raise
-        else:
-            log.info("cached %s at %s", entry.name, entry)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        (folder / _KEY_FILE).write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
+
+    if write_atomically(entry, write):
+        log.info("cached %s at %s", entry.name, entry)
 
 
 def load_or_build(

@@ -8,12 +8,8 @@ per-expert batches of MoE-MLoRA's phase 2.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -21,7 +17,7 @@ import lightning as L
 import torch
 
 from moe_mlora.data.batches import ExpertBatches, ExpertEvalBatches, SplitBatches
-from moe_mlora.data.cache import default_cache_dir
+from moe_mlora.data.cache import default_cache_dir, generated_dir, write_atomically
 from moe_mlora.data.processed import DataError, ProcessedData
 
 log = logging.getLogger(__name__)
@@ -65,20 +61,15 @@ def generated_movielens_root(
 
     params = {"format": fmt, "users": users, "items": items, "ratings": ratings}
     params["seed"] = generator_seed
-    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
-    root = Path(cache_dir) / "generated" / f"movielens-{fmt}-{digest}"
+    root = generated_dir(cache_dir, f"movielens-{fmt}", params)
     if (root / ".complete").exists():
         return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=root.name + ".tmp-", dir=root.parent))
-    try:
-        generate_movielens(staging, fmt, users, items, ratings, generator_seed)
-        (staging / ".complete").write_text(json.dumps(params))
-        if root.exists():  # an earlier attempt died half-way
-            shutil.rmtree(root)
-        os.replace(staging, root)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+
+    def write(folder: Path) -> None:
+        generate_movielens(folder, fmt, users, items, ratings, generator_seed)
+        (folder / ".complete").write_text(json.dumps(params))
+
+    write_atomically(root, write)
     log.info("generated MovieLens-format (%s) files in %s", fmt, root)
     return root
 

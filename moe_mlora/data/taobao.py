@@ -43,12 +43,8 @@ draws are accepted, so rounds are few and memory stays O(clicks).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
 import shutil
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -59,7 +55,12 @@ import polars as pl
 import torch
 from tqdm.auto import tqdm
 
-from moe_mlora.data.cache import default_cache_dir, load_or_build
+from moe_mlora.data.cache import (
+    default_cache_dir,
+    generated_dir,
+    load_or_build,
+    write_atomically,
+)
 from moe_mlora.data.processed import DataError, FieldSpec, ProcessedData
 from moe_mlora.data.splits import check_fractions, split_tensors, stratified_domain_split
 from moe_mlora.data.synthetic_taobao import (
@@ -605,15 +606,13 @@ def _generator_kwargs(options: Mapping | None) -> dict:
 
 
 def _generate_into(root: Path, params: dict) -> Path:
-    """Generate the files in a staging folder beside ``root``, then rename it into place, so
-    concurrent runs (a sweep) and crashes never leave a half-written folder under ``root``."""
+    """Generate the files into ``root`` atomically, so concurrent runs (a sweep) and crashes
+    never leave a half-written folder (see :func:`write_atomically`)."""
     from moe_mlora.data.synthetic_taobao import generate_taobao
 
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
-    try:
+    def write(folder: Path) -> None:
         generate_taobao(
-            staging,
+            folder,
             n_themes=int(params["themes"]),
             n_users=int(params["users"]),
             n_items=int(params["items"]),
@@ -622,21 +621,10 @@ def _generate_into(root: Path, params: dict) -> Path:
             dim=int(params["dim"]),
             heterogeneity=float(params["heterogeneity"]),
         )
-        try:
-            os.replace(staging, root)  # allowed over an empty folder
-        except OSError:
-            if not all((root / n).is_file() for n in NEEDED_FILES):  # nobody else won the race
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+
+    write_atomically(root, write)
     log.info("generated Taobao CloudTheme-format files (%s) in %s", params, root)
     return root
-
-
-def generated_root(cache_dir: Path, params: dict) -> Path:
-    """Where generated files for ``params`` live under the cache folder (made once)."""
-    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
-    return Path(cache_dir) / "generated" / f"taobao-{digest}"
 
 
 def resolve_root(
@@ -658,7 +646,7 @@ def resolve_root(
     if not generate_if_missing:
         raise DataError(missing_root_message())
     params = _generator_kwargs(generator)
-    path = generated_root(Path(cache_dir or default_cache_dir()), params)
+    path = generated_dir(Path(cache_dir or default_cache_dir()), "taobao", params)
     if all((path / n).is_file() for n in NEEDED_FILES):
         return path
     if path.exists():  # an earlier attempt died half-way
