@@ -24,7 +24,7 @@ import shlex
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -537,65 +537,6 @@ def run_deepctr(name: str, data, seed: int, max_epochs: int) -> RunRecord:
 
 
 # ----------------------------------------------------------------- our side
-class TrainClock:
-    """Lightning callback: per epoch, wall time from train-epoch start to its last batch's end."""
-
-    def __init__(self, phase_index: int, phase_kind: str) -> None:
-        self.phase_index = phase_index
-        self.phase_kind = phase_kind
-        self.samples = 0
-        self.seconds = 0.0
-        self._start: float | None = None
-        self._last: float | None = None
-
-    # Lightning looks hooks up by name; subclassing L.Callback lazily keeps imports light.
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self._start, self._last = time.perf_counter(), None
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._last = time.perf_counter()
-        self.samples += len(batch["label"])
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if self._start is not None and self._last is not None:
-            self.seconds += self._last - self._start
-        self._start = None
-
-
-def _clock_callback(phase_index: int, phase_kind: str):
-    import lightning as L
-
-    class _Clock(TrainClock, L.Callback):
-        pass
-
-    return _Clock(phase_index, phase_kind)
-
-
-@contextlib.contextmanager
-def train_clocks() -> Iterator[list[TrainClock]]:
-    """Adds a :class:`TrainClock` to every Trainer that ``train_and_evaluate`` makes."""
-    import moe_mlora.run as run_module
-
-    original = run_module.trainer_factory
-    clocks: list[TrainClock] = []
-
-    def factory(cfg, loggers):
-        make = original(cfg, loggers)
-
-        def make_trainer(phase, callbacks, reload):
-            clock = _clock_callback(phase.index, phase.kind)
-            clocks.append(clock)
-            return make(phase, [*callbacks, clock], reload)
-
-        return make_trainer
-
-    run_module.trainer_factory = factory
-    try:
-        yield clocks
-    finally:
-        run_module.trainer_factory = original
-
-
 def run_ours(
     name: str,
     root: Path,
@@ -622,22 +563,15 @@ def run_ours(
     ]
     if experts:
         overrides.append(f"experts={experts}")
-    with train_clocks() as clocks, contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()):
         results = train_and_evaluate(compose(overrides), output)
-    clocks = [c for c in clocks if c.samples]  # the test Trainer trains nothing
-    if not clocks:
-        raise RuntimeError(
-            "parity: no training clock saw a batch; does moe_mlora.run.train_and_evaluate "
-            "still build its Trainers through moe_mlora.run.trainer_factory?"
-        )
-    phases = [{"kind": c.phase_kind, "samples": c.samples, "seconds": c.seconds} for c in clocks]
     reported = results["phases"]
-    step_samples = sum(p["train_samples"] for p in reported)
-    step_seconds = sum(
-        p["train_samples"] / p["train_samples_per_s"]
+    phases = [
+        {"kind": p["kind"], "samples": p["train_samples"], "seconds": p["train_wall_seconds"]}
         for p in reported
-        if p["train_samples_per_s"] and not math.isnan(p["train_samples_per_s"])
-    )
+    ]
+    train_samples = sum(p["train_samples"] for p in reported)
+    step_seconds = sum(p["train_seconds"] for p in reported)
     return RunRecord(
         library="ours-moe" if experts else "ours",
         model=name,
@@ -646,9 +580,9 @@ def run_ours(
         test_wauc=results["test"]["wauc"],
         epochs=sum(p["epochs"] for p in reported),
         best_epoch=reported[0]["best_epoch"] if len(reported) == 1 else -1,
-        train_samples=sum(c.samples for c in clocks),
-        train_seconds=sum(c.seconds for c in clocks),
-        step_samples_per_s=step_samples / step_seconds if step_seconds else math.nan,
+        train_samples=train_samples,
+        train_seconds=sum(p["train_wall_seconds"] for p in reported),
+        step_samples_per_s=train_samples / step_seconds if step_seconds else math.nan,
         phases=phases,
     )
 

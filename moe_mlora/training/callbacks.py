@@ -130,19 +130,37 @@ class ExpertEarlyStopping(L.Callback):
 
 
 class TrainThroughput(L.Callback):
-    """Training samples per second, timed over the training steps only (no validation)."""
+    """Training samples and time, validation excluded, measured two ways.
+
+    ``seconds`` sums the training steps alone (forward, backward, optimizer);
+    ``wall_seconds`` sums, per epoch, the time from the epoch's start to its
+    last batch's end, so batch fetching and Lightning's loop are included
+    (the fair figure against another library's whole training loop).
+    """
 
     def __init__(self) -> None:
         self.samples = 0
         self.seconds = 0.0
+        self.wall_seconds = 0.0
         self._start = 0.0
+        self._epoch_start: float | None = None
+        self._last_end: float | None = None
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._epoch_start, self._last_end = time.perf_counter(), None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.seconds += time.perf_counter() - self._start
+        self._last_end = time.perf_counter()
+        self.seconds += self._last_end - self._start
         self.samples += len(batch["label"])
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self._epoch_start is not None and self._last_end is not None:
+            self.wall_seconds += self._last_end - self._epoch_start
+        self._epoch_start = None
 
     @property
     def samples_per_second(self) -> float:

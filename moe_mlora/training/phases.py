@@ -47,6 +47,8 @@ class PhaseReport:
     best_val: dict | None = None
     wall_time_s: float = 0.0
     train_samples: int = 0
+    train_seconds: float = 0.0  # training steps alone
+    train_wall_seconds: float = 0.0  # per epoch, start to last batch (see TrainThroughput)
     train_samples_per_s: float = math.nan
     experts: list[dict] = field(default_factory=list)
 
@@ -226,6 +228,8 @@ class Schedule:
             best_val=metrics_to_json(best.best_metrics, dm.domain_names),
             wall_time_s=time.perf_counter() - start,
             train_samples=throughput.samples,
+            train_seconds=throughput.seconds,
+            train_wall_seconds=throughput.wall_seconds,
             train_samples_per_s=throughput.samples_per_second,
         )
 
