@@ -10,7 +10,7 @@ DEFAULT_TORCH_SPEC := torch==2.13.0
 STAMP := $(VENV)/.moe_mlora-installed
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install run test lint format bench clean
+.PHONY: install run test lint format bench sweep clean
 
 install: $(STAMP)
 
@@ -41,6 +41,14 @@ lint: install
 format: install
 	$(PY) -m ruff format moe_mlora tests
 	$(PY) -m ruff check --fix moe_mlora tests
+
+# A small sweep on generated data (base / MLoRA / MoE-MLoRA x 2 seeds, then MoE-MLoRA with
+# 2 and 4 experts per domain) and its report in multirun/demo/report/. ARGS adds overrides,
+# e.g. ARGS="hydra/launcher=parallel".
+sweep: install
+	$(PY) -m moe_mlora.run -m experiment=demo $(ARGS)
+	$(PY) -m moe_mlora.run -m experiment=demo method=moe_mlora experts_per_domain=2,4 $(ARGS)
+	$(PY) -m moe_mlora.report multirun/demo
 
 bench: install
 	$(PY) -m moe_mlora.bench $(ARGS)

@@ -19,7 +19,14 @@ def interactive() -> bool:
 
 
 def register_resolvers() -> None:
-    """``${interactive:}`` and ``${run_suffix:}`` used by conf/; safe to call twice."""
+    """``${interactive:}``, ``${run_suffix:}`` and ``${job_dirname:...}`` used by conf/.
+
+    Safe to call twice.
+    """
+    from moe_mlora.sweep import job_dirname
+
+    if not OmegaConf.has_resolver("job_dirname"):
+        OmegaConf.register_new_resolver("job_dirname", job_dirname)
     if not OmegaConf.has_resolver("interactive"):
         OmegaConf.register_new_resolver("interactive", interactive)
     if not OmegaConf.has_resolver("run_suffix"):

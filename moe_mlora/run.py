@@ -36,6 +36,15 @@ from moe_mlora.data.processed import DataError
 from moe_mlora.metrics import format_domain_table
 from moe_mlora.models import AdapterConfig, build_model
 from moe_mlora.models.complexity import complexity
+from moe_mlora.sweep import (
+    is_multirun,
+    job_threads,
+    run_fields,
+    run_name,
+    run_sweep_job,
+    sweep_label,
+    task_overrides,
+)
 from moe_mlora.training.module import CTRModule, Phase
 from moe_mlora.training.phases import PhaseReport, Schedule, metrics_to_json
 
@@ -69,21 +78,37 @@ def adapter_config(cfg: DictConfig, num_domains: int) -> AdapterConfig:
     for old, new in RENAMED_ADAPTER_KEYS.items():
         if old in spec:
             raise ConfigError(f"method.adapter.{old} is now method.adapter.{new}; rename it")
-    if cfg.experts is not None and int(cfg.experts) < 1:
-        raise ConfigError(f"experts must be >= 1, got {cfg.experts} (or null: one per domain)")
     if spec.get("kind") == "moe":
-        spec["experts"] = int(cfg.experts) if cfg.experts is not None else num_domains
+        spec["experts"] = expert_count(cfg, num_domains)
     else:
-        if cfg.experts is not None:
-            log.warning(
-                "experts=%s is ignored: method=%s has no experts", cfg.experts, cfg.method.name
-            )
+        for key in ("experts", "experts_per_domain"):
+            if cfg.get(key) is not None:
+                log.warning(
+                    "%s=%s is ignored: method=%s has no experts", key, cfg[key], cfg.method.name
+                )
         if spec.get("gate"):
             log.warning("method.adapter.gate is ignored: method=%s has no gate", cfg.method.name)
     try:
         return AdapterConfig(**spec)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"method.adapter: {error}") from error
+
+
+def expert_count(cfg: DictConfig, num_domains: int) -> int:
+    """MoE-MLoRA's total experts: ``experts``, or ``experts_per_domain`` x domains, or one each."""
+    total, per_domain = cfg.experts, cfg.get("experts_per_domain")
+    if total is not None and per_domain is not None:
+        raise ConfigError(
+            f"set experts ({total}) or experts_per_domain ({per_domain}), not both: "
+            "experts is the total, experts_per_domain multiplies the number of domains"
+        )
+    if per_domain is not None:
+        if int(per_domain) < 1:
+            raise ConfigError(f"experts_per_domain must be >= 1, got {per_domain}")
+        return int(per_domain) * num_domains
+    if total is not None and int(total) < 1:
+        raise ConfigError(f"experts must be >= 1, got {total} (or null: one per domain)")
+    return int(total) if total is not None else num_domains
 
 
 def build_module(cfg: DictConfig, datamodule) -> CTRModule:
@@ -95,11 +120,15 @@ def build_module(cfg: DictConfig, datamodule) -> CTRModule:
     return CTRModule(model, data.domain_names, cfg.optimizer.lr, cfg.optimizer.weight_decay)
 
 
+WANDB_GROUP_LIMIT = 128  # characters W&B accepts in a group name
+
+
 def sweep_group(cfg: DictConfig) -> str | None:
+    """``logger.wandb.group``, else the sweep's folder (multirun/DATE/TIME-ID) in a multirun."""
     if cfg.logger.wandb.group:
         return str(cfg.logger.wandb.group)
-    if HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN":
-        return Path(HydraConfig.get().sweep.dir).name
+    if is_multirun():
+        return sweep_label(HydraConfig.get().sweep.dir)[-WANDB_GROUP_LIMIT:]
     return None
 
 
@@ -114,7 +143,7 @@ def build_loggers(cfg: DictConfig, output_dir: Path) -> list[Logger]:
             group=sweep_group(cfg),
             job_type=cfg.method.name,
             name=run_name(cfg),
-            tags=list(settings.tags),
+            tags=wandb_tags(cfg),
             save_dir=str(output_dir),
             mode=settings.mode,
             offline=settings.mode == "offline",
@@ -125,8 +154,13 @@ def build_loggers(cfg: DictConfig, output_dir: Path) -> list[Logger]:
     return loggers
 
 
-def run_name(cfg: DictConfig) -> str:
-    return f"{cfg.data.name}-{cfg.model.name}-{cfg.method.name}-s{cfg.seed}"
+WANDB_TAG_LIMIT = 64  # characters W&B accepts per tag
+
+
+def wandb_tags(cfg: DictConfig) -> list[str]:
+    """``logger.wandb.tags`` plus the job's overrides (``model=deepfm``), to filter runs by."""
+    tags = [*cfg.logger.wandb.tags, *task_overrides()]
+    return list(dict.fromkeys(tag[:WANDB_TAG_LIMIT] for tag in tags))
 
 
 def trainer_factory(cfg: DictConfig, loggers: list[Logger]):
@@ -165,13 +199,9 @@ def build_results(cfg, module, datamodule, reports, test, wall_time, output_dir)
     return {
         "status": "completed",
         "run": {
-            "name": run_name(cfg),
+            **run_fields(cfg),
             "output_dir": str(output_dir),
-            "data": cfg.data.name,
-            "model": cfg.model.name,
-            "method": cfg.method.name,
             "experts": module.model.num_experts if cfg.method.adapter.kind == "moe" else None,
-            "seed": int(cfg.seed),
         },
         "data": datamodule.processed.summary(),
         "parameters": {
@@ -266,8 +296,10 @@ def train_and_evaluate(cfg: DictConfig, output_dir: Path) -> dict:
     quiet_lightning()
     start = time.perf_counter()
     output_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.threads:
-        torch.set_num_threads(int(cfg.threads))
+    threads = job_threads(cfg)
+    if threads:
+        torch.set_num_threads(threads)
+    log.info("torch threads: %d", torch.get_num_threads())
     L.seed_everything(int(cfg.seed), verbose=False)
     datamodule = instantiate(
         cfg.data, shuffle_seed=int(cfg.seed), cache_dir=cfg.paths.cache_dir, progress=cfg.progress
@@ -308,8 +340,10 @@ register_resolvers()
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig) -> float | None:
     output_dir = Path(HydraConfig.get().runtime.output_dir)
+    if is_multirun():
+        return run_sweep_job(cfg, output_dir, train_and_evaluate, write_json_atomically)
     try:
         results = train_and_evaluate(cfg, output_dir)
     except (DataError, ConfigError) as error:

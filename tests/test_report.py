@@ -1,0 +1,269 @@
+"""python -m moe_mlora.report on hand-made results.json files with known numbers."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from moe_mlora.report import domain_summary, find_results, load_runs, main, summarize
+
+DOMAINS = {"a": 100, "b": 50}  # domain -> test samples
+
+
+def write_run(
+    root: Path,
+    method: str,
+    seed: int,
+    wauc: float,
+    aucs: tuple[float, float],
+    experts: int | None = None,
+    data: str = "toy",
+    overrides: list[str] | None = None,
+) -> Path:
+    """A completed run's results.json; other metrics follow from wauc, overheads from experts."""
+    folder = root / f"method={method},experts={experts},seed={seed}"
+    folder.mkdir(parents=True)
+    overhead = 100 * (experts or 0) if method != "base" else 0
+    test = {
+        "wauc": wauc,
+        "mean_auc": wauc - 0.01,
+        "auc": wauc + 0.01,
+        "logloss": 0.45,
+        "per_domain": {
+            name: {"auc": auc, "samples": samples, "positive_rate": 0.2}
+            for (name, samples), auc in zip(DOMAINS.items(), aucs, strict=True)
+        },
+        "undefined_domains": [],
+    }
+    if experts:
+        first = [0.75] + [0.25 / (experts - 1)] * (experts - 1)
+        test["gate_weights"] = {"a": first, "b": first[::-1]}
+    record = {
+        "status": "completed",
+        "run": {
+            "name": f"{data}-deepfm-{method}-s{seed}",
+            "output_dir": str(folder),
+            "data": data,
+            "model": "deepfm",
+            "method": method,
+            "experts": experts,
+            "seed": seed,
+            "overrides": overrides or [f"method={method}", f"seed={seed}"],
+        },
+        "parameters": {
+            "backbone": 1000,
+            "adapter_overhead": overhead,
+            "adapter_overhead_pct": overhead / 10,
+        },
+        "flops": {"overhead_pct": 5.0 * (experts or 0)},
+        "test": test,
+        "wall_time_s": 10.0 + seed,
+    }
+    (folder / "results.json").write_text(json.dumps(record))  # NaN written as JSON NaN
+    return folder
+
+
+def write_failed(root: Path) -> Path:
+    folder = root / "method=moe_mlora,experts=8,seed=1"
+    folder.mkdir(parents=True)
+    record = {
+        "status": "failed",
+        "run": {
+            "name": "toy-deepfm-moe_mlora-s1",
+            "data": "toy",
+            "model": "deepfm",
+            "method": "moe_mlora",
+            "experts": None,
+            "seed": 1,
+        },
+        "error": {
+            "type": "FloatingPointError",
+            "message": "loss is nan in phase 2\ndetails",
+            "traceback": "Traceback ...",
+        },
+        "wall_time_s": 3.2,
+    }
+    (folder / "results.json").write_text(json.dumps(record))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> Path:
+    """3 seeds of base, moe_mlora e2 and e4, and one failed run; domain b's AUC NaN once."""
+    root = tmp_path_factory.mktemp("multirun") / "10-00-00"
+    for seed, wauc, a, b in [
+        (1, 0.70, 0.69, 0.60),
+        (2, 0.72, 0.71, math.nan),
+        (3, 0.74, 0.73, 0.64),
+    ]:
+        write_run(root, "base", seed, wauc, (a, b))
+    for seed, wauc in [(1, 0.73), (2, 0.74), (3, 0.75)]:
+        write_run(root, "moe_mlora", seed, wauc, (0.75, 0.65), experts=2)
+        write_run(root, "moe_mlora", seed, 0.76, (0.77, 0.66), experts=4)
+    write_failed(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def report(sweep) -> tuple[Path, str]:
+    """The report written by the CLI into the default folder, and what it printed."""
+    import contextlib
+    import io
+
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert main([str(sweep)]) == 0
+    return sweep / "report", stdout.getvalue()
+
+
+def test_groups_have_known_means_stds_and_deltas(sweep):
+    summary = summarize(load_runs(find_results([sweep])))
+
+    rows = summary.select("method", "experts", "n").rows()
+    assert rows == [("base", None, 3), ("moe_mlora", 2, 3), ("moe_mlora", 4, 3)]
+    assert summary["wauc_mean"].to_list() == pytest.approx([0.72, 0.74, 0.76])
+    assert summary["wauc_std"].to_list() == pytest.approx([0.02, 0.01, 0.0], abs=1e-12)
+    assert summary["delta_wauc_vs_base"].to_list() == pytest.approx([0.0, 0.02, 0.04])
+    assert summary["mean_auc"].to_list() == pytest.approx([0.71, 0.73, 0.75])
+    assert summary["adapter_overhead"].to_list() == [0, 200, 400]
+    assert summary["adapter_overhead_pct"].to_list() == pytest.approx([0.0, 20.0, 40.0])
+    assert summary["flops_overhead_pct"].to_list() == pytest.approx([0.0, 10.0, 20.0])
+    assert summary["wall_time_s"].to_list() == pytest.approx([12.0, 12.0, 12.0])
+
+
+def test_nan_domain_auc_is_left_out_of_that_domains_mean(sweep):
+    domains = domain_summary(load_runs(find_results([sweep])))
+    base = domains.filter(pl.col("method") == "base")
+
+    assert base.select("domain", "n", "test_samples").rows() == [("a", 3, 100), ("b", 2, 50)]
+    assert base["auc_mean"].to_list() == pytest.approx([0.71, 0.62])
+    assert base["auc_std"].to_list() == pytest.approx([0.02, math.sqrt(0.0008)])
+
+
+def test_csvs_hold_the_group_and_domain_tables(report):
+    out, _ = report
+    table = pl.read_csv(out / "report.csv")
+    assert table.height == 3
+    assert table.columns[:7] == ["data", "model", "method", "experts", "n", "wauc_mean", "wauc_std"]
+    assert table["delta_wauc_vs_base"].to_list() == pytest.approx([0.0, 0.02, 0.04])
+
+    domains = pl.read_csv(out / "report_domains.csv")
+    assert domains.columns == [
+        "data",
+        "model",
+        "method",
+        "experts",
+        "domain",
+        "n",
+        "auc_mean",
+        "auc_std",
+        "test_samples",
+    ]
+    e4 = domains.filter(pl.col("experts") == 4)
+    assert e4.select("domain", "n").rows() == [("a", 3), ("b", 3)]
+    assert e4["auc_mean"].to_list() == pytest.approx([0.77, 0.66])
+
+
+def test_markdown_has_tables_plots_and_the_failed_run(report):
+    out, printed = report
+    text = (out / "report.md").read_text()
+
+    assert "10 runs (9 completed, 1 failed)" in text
+    assert "0.7200 ± 0.0200 (3)" in text
+    assert "+0.0400" in text
+    assert "| deepfm | moe_mlora e2 | 0.7500 | 0.6500 |" in text
+    assert "method=moe_mlora,experts=8,seed=1" in text
+    assert "FloatingPointError" in text
+    assert "loss is nan in phase 2" in text
+    assert "details" not in text  # only the message's first line
+    for name in [
+        "wauc_vs_experts_toy",
+        "domain_auc_toy",
+        "gate_weights_toy_deepfm_e2",
+        "gate_weights_toy_deepfm_e4",
+    ]:
+        png = out / f"{name}.png"
+        assert png.stat().st_size > 0
+        assert f"]({name}.png)" in text
+    assert "report.csv" in printed
+    assert "0.7600 ± 0.0000 (3)" in printed
+
+
+def test_two_expert_counts_give_two_rows_without_base(tmp_path):
+    write_run(tmp_path, "moe_mlora", 1, 0.75, (0.7, 0.6), experts=2)
+    write_run(tmp_path, "moe_mlora", 1, 0.77, (0.7, 0.6), experts=4)
+
+    assert main([str(tmp_path), "--out", str(tmp_path / "out")]) == 0
+    table = pl.read_csv(tmp_path / "out/report.csv")
+    assert table.select("experts", "n").rows() == [(2, 1), (4, 1)]
+    assert all(math.isnan(v) for v in table["wauc_std"])  # one run: no std
+    assert all(math.isnan(v) for v in table["delta_wauc_vs_base"])  # no base runs
+
+
+def test_plots_without_their_data_are_skipped(tmp_path):
+    write_run(tmp_path, "base", 1, 0.7, (0.7, 0.6))
+
+    assert main([str(tmp_path)]) == 0
+    pngs = sorted(path.name for path in (tmp_path / "report").glob("*.png"))
+    assert pngs == ["domain_auc_toy.png"]  # no moe_mlora: no WAUC-vs-experts, no heatmaps
+    assert "## Failed runs\n\nNone." in (tmp_path / "report/report.md").read_text()
+
+
+def test_groups_mixing_other_overrides_are_warned_about(tmp_path, capsys):
+    write_run(tmp_path, "base", 1, 0.7, (0.7, 0.6), overrides=["optimizer.lr=0.1", "seed=1"])
+    write_run(tmp_path, "base", 2, 0.7, (0.7, 0.6), overrides=["optimizer.lr=0.01", "seed=2"])
+
+    assert main([str(tmp_path)]) == 0
+    assert "warning: group toy/deepfm/base/None: optimizer.lr=0.01 vs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("setup", "expected"),
+    [
+        ("missing", "does not exist"),
+        ("empty", "no results.json under"),
+        ("bad-json", "bad/results.json is not valid JSON"),
+    ],
+)
+def test_bad_input_exits_2_with_a_message(tmp_path, capsys, setup, expected):
+    target = tmp_path / "sweep"
+    if setup != "missing":
+        target.mkdir()
+    if setup == "bad-json":
+        (target / "bad").mkdir()
+        (target / "bad/results.json").write_text('{"status": "compl')
+
+    assert main([str(target)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("moe_mlora.report: error: ")
+    assert expected in err
+    assert "Traceback" not in err
+    if setup == "empty":
+        assert "multirun/DATE/TIME" in err
+
+
+def test_help_shows_usage_examples(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    assert "python -m moe_mlora.report multirun/" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_wandb_offline_writes_a_run_folder_under_out(tmp_path, monkeypatch):
+    for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / "wandb-home"))
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")  # restored after the test
+    runs = tmp_path / "sweep"
+    write_run(runs, "base", 1, 0.7, (0.7, 0.6))
+    write_run(runs, "moe_mlora", 1, 0.75, (0.7, 0.6), experts=2)
+
+    assert main([str(runs), "--out", str(tmp_path / "out"), "--wandb"]) == 0
+    offline = list((tmp_path / "out/wandb").glob("offline-run-*"))
+    assert len(offline) == 1
+    assert list(offline[0].glob("*.wandb"))
