@@ -1,4 +1,5 @@
-"""Known-answer tests for moe_mlora.metrics (exact AUC, grouped AUC, WAUC, DomainAUC)."""
+"""Known-answer tests for moe_mlora.metrics (exact AUC, grouped AUC, WAUC, DomainAUC, and
+DomainAUC's binned bounded-memory mode against the exact values)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,15 @@ from moe_mlora.metrics import (
     binary_auc,
     format_domain_table,
     grouped_auc,
+    histogram_auc,
     weighted_auc,
+)
+
+BOUND_KEYS = (
+    "auc_error_bound",
+    "wauc_error_bound",
+    "mean_auc_error_bound",
+    "overall_auc_error_bound",
 )
 
 
@@ -254,6 +263,11 @@ def assert_results_equal(a: dict, b: dict) -> None:
     assert torch.equal(a["count_per_domain"], b["count_per_domain"])
     assert torch.equal(a["positives_per_domain"], b["positives_per_domain"])
     assert a["undefined_domains"] == b["undefined_domains"]
+    for key in BOUND_KEYS:  # binned mode only
+        if key in a:
+            torch.testing.assert_close(
+                torch.as_tensor(a[key]), torch.as_tensor(b[key]), equal_nan=True
+            )
 
 
 def test_domain_auc_batches_equal_one_batch_and_match_functional():
@@ -271,10 +285,11 @@ def test_domain_auc_batches_equal_one_batch_and_match_functional():
     assert r_one["auc"] == pytest.approx(brute_force_auc(preds, target), abs=1e-12)
 
 
-def test_domain_auc_logloss_equals_torch_bce():
+@pytest.mark.parametrize("bins", [None, 8])
+def test_domain_auc_logloss_equals_torch_bce(bins):
     preds = torch.tensor([0.0, 0.3, 0.9, 1.0, 0.5])  # 0 and 1 exercise the clamp
     target = torch.tensor([0, 1, 1, 0, 1])
-    metric = DomainAUC(1)
+    metric = DomainAUC(1, bins=bins)
     metric.update(preds, target, torch.zeros(5, dtype=torch.long))
     expected = torch.nn.functional.binary_cross_entropy(
         preds.double().clamp(1e-7, 1 - 1e-7), target.double()
@@ -305,14 +320,16 @@ def test_domain_auc_reset():
         ([0.1, 0.2], [0, 2], [0, 1], "0 and 1"),
     ],
 )
-def test_domain_auc_rejects_bad_input(preds, target, domain, match):
-    metric = DomainAUC(2)
+@pytest.mark.parametrize("bins", [None, 16])
+def test_domain_auc_rejects_bad_input(preds, target, domain, match, bins):
+    metric = DomainAUC(2, bins=bins)
     with pytest.raises(ValueError, match=match):
         metric.update(torch.tensor(preds), torch.tensor(target), torch.tensor(domain))
 
 
-def test_domain_auc_rejects_2d_input():
-    metric = DomainAUC(2)
+@pytest.mark.parametrize("bins", [None, 16])
+def test_domain_auc_rejects_2d_input(bins):
+    metric = DomainAUC(2, bins=bins)
     with pytest.raises(ValueError, match="1-D"):
         metric.update(torch.rand(4, 1), torch.zeros(4, 1), torch.zeros(4, 1, dtype=torch.long))
 
@@ -355,17 +372,18 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_path: str) -> None:
         # Uneven shards on purpose: the gather must cope with different lengths; and a
         # shard with no rows at all (a rank that saw no batch) must not break the sync.
         cut = preds.numel() // 3
-        for name, sl in (
-            ("uneven", slice(0, cut) if rank == 0 else slice(cut, None)),
-            ("empty_rank", slice(0, None) if rank == 0 else slice(0, 0)),
-        ):
-            metric = DomainAUC(6)
-            if sl.stop != 0:
-                metric.update(preds[sl], target[sl], domain[sl])
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # "compute before update" on the empty rank
-                result = metric.compute()
-            torch.save(result, f"{out_path}.{name}.{rank}")
+        for bins in (None, 16):  # exact (cat of CPU rows) and binned (sum of histograms)
+            for name, sl in (
+                ("uneven", slice(0, cut) if rank == 0 else slice(cut, None)),
+                ("empty_rank", slice(0, None) if rank == 0 else slice(0, 0)),
+            ):
+                metric = DomainAUC(6, bins=bins)
+                if sl.stop != 0:
+                    metric.update(preds[sl], target[sl], domain[sl])
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # "compute before update" on the empty rank
+                    result = metric.compute()
+                torch.save(result, f"{out_path}.{name}.{bins}.{rank}")
     finally:
         dist.destroy_process_group()
 
@@ -378,13 +396,295 @@ def test_domain_auc_real_two_process_gloo(tmp_path):
     out_path = str(tmp_path / "result")
     mp.spawn(_ddp_worker, args=(2, _free_port(), out_path), nprocs=2, join=True)
     preds, target, domain = random_rows(seed=11)
-    single = DomainAUC(6)
+    for bins in (None, 16):
+        single = DomainAUC(6, bins=bins)
+        single.update(preds, target, domain)
+        expected = single.compute()
+        for name in ("uneven", "empty_rank"):
+            for rank in range(2):
+                result = torch.load(f"{out_path}.{name}.{bins}.{rank}", weights_only=False)
+                assert_results_equal(result, expected)
+
+
+# ------------------------------------------------------------------- exact mode: memory
+
+
+def stored_devices(metric: DomainAUC) -> set[str]:
+    return {t.device.type for name in ("preds", "target", "domain") for t in getattr(metric, name)}
+
+
+def test_domain_auc_exact_rows_are_stored_on_cpu_and_stay_there():
+    metric = DomainAUC(2)
+    metric.update(*two_domain_batch())
+    assert stored_devices(metric) == {"cpu"}
+    # Moving the metric (as Lightning does) must not move the stored rows with it.
+    metric.to("meta")
+    assert metric.device.type == "meta"
+    assert stored_devices(metric) == {"cpu"}
+    assert metric.compute()["wauc"] == pytest.approx(5 / 6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("bins", [None, 64])
+def test_domain_auc_cuda_input_keeps_rows_on_cpu(bins):
+    preds, target, domain = random_rows()
+    on_cpu = DomainAUC(6, bins=bins)
+    on_cpu.update(preds, target, domain)
+    on_gpu = DomainAUC(6, bins=bins).to("cuda")
+    for chunk in zip(preds.split(500), target.split(500), domain.split(500), strict=True):
+        on_gpu.update(*(t.cuda() for t in chunk))
+    if bins is None:
+        assert stored_devices(on_gpu) == {"cpu"}
+    else:  # O(D * B) histograms may live on the device
+        assert on_gpu.pos_hist.device.type == "cuda"
+    result = on_gpu.compute()
+    assert result["auc_per_domain"].device.type == "cpu"
+    assert_results_equal(result, on_cpu.compute())
+
+
+def test_domain_auc_exact_sync_gathers_and_returns_cpu_rows():
+    """The exact mode's sync wrapper (gather on a backend-capable device, rows back to the
+    CPU), driven by a fake all_gather that plays two ranks holding the same shard."""
+    preds, target, domain = random_rows(seed=5)
+    metric = DomainAUC(6)
+    metric.update(preds, target, domain)
+    seen: list[str] = []
+
+    def fake_gather(tensor: torch.Tensor, group=None) -> list[torch.Tensor]:
+        seen.append(tensor.device.type)
+        return [tensor.clone(), tensor.clone()]
+
+    metric._sync_dist(fake_gather)
+    assert set(seen) == {"cpu"} and len(seen) == 3
+    assert all(getattr(metric, name).device.type == "cpu" for name in ("preds", "target", "domain"))
+    twice = DomainAUC(6)
+    twice.update(preds, target, domain)
+    twice.update(preds, target, domain)
+    assert_results_equal(metric.compute(), twice.compute())
+
+
+# ---------------------------------------------------------------------- binned mode
+
+
+def ctr_rows(n: int, num_domains: int, seed: int, levels: int | None = None):
+    """Informative scores with a different score/label relation per domain; ``levels``
+    rounds the scores to that many values, so that exact ties occur."""
+    gen = torch.Generator().manual_seed(seed)
+    domain = torch.randint(0, num_domains, (n,), generator=gen)
+    preds = torch.rand(n, generator=gen) ** (1 + domain.float() / 2)
+    if levels is not None:
+        preds = torch.round(preds * (levels - 1)) / (levels - 1)
+    slope = 0.3 + 0.1 * domain.float()
+    target = (torch.rand(n, generator=gen) < 0.05 + slope * preds).long()
+    return preds, target, domain
+
+
+@pytest.mark.parametrize(
+    ("n", "bins", "levels", "max_bound"),
+    [
+        (200_000, 4096, None, 1e-3),  # continuous scores, fine bins: tiny bound
+        (20_000, 7, 101, None),  # tied scores, coarse bins not aligned with them: loose bound
+    ],
+)
+def test_binned_auc_is_within_its_bound_of_the_exact_auc(n, bins, levels, max_bound):
+    preds, target, domain = ctr_rows(n, 5, seed=1, levels=levels)
+    exact, binned = DomainAUC(5), DomainAUC(5, bins=bins)
+    for chunk in zip(preds.split(8192), target.split(8192), domain.split(8192), strict=True):
+        exact.update(*chunk)
+        binned.update(*chunk)
+    e, b = exact.compute(), binned.compute()
+    slack = 1e-12  # float64 rounding only
+
+    bound = b["auc_error_bound"]
+    assert bound.dtype == torch.float64 and bound.shape == (5,)
+    assert torch.all((b["auc_per_domain"] - e["auc_per_domain"]).abs() <= bound + slack)
+    assert abs(b["wauc"] - e["wauc"]) <= b["wauc_error_bound"] + slack
+    assert abs(b["mean_auc"] - e["mean_auc"]) <= b["mean_auc_error_bound"] + slack
+    assert abs(b["auc"] - e["auc"]) <= b["overall_auc_error_bound"] + slack
+    if max_bound is not None:
+        assert float(bound.max()) < max_bound and b["wauc_error_bound"] < max_bound
+    else:  # coarse bins: the estimate really is off, and the bound covers it
+        assert float((b["auc_per_domain"] - e["auc_per_domain"]).abs().max()) > 1e-3
+    # WAUC's bound uses WAUC's weights.
+    assert b["wauc_error_bound"] == pytest.approx(weighted_auc(bound, e["count_per_domain"]))
+    # Everything that is not an AUC is exact.
+    assert torch.equal(b["count_per_domain"], e["count_per_domain"])
+    assert torch.equal(b["positives_per_domain"], e["positives_per_domain"])
+    assert b["undefined_domains"] == e["undefined_domains"] == []
+    assert b["logloss"] == pytest.approx(e["logloss"], rel=1e-9)
+    assert set(b) == set(e) | set(BOUND_KEYS)
+
+
+def test_binned_auc_hand_computed():
+    """Two bins [0, .5) and [.5, 1].
+
+    Domain 0: positives 0.3 | 0.8, negatives 0.1 | 0.6 (one of each per bin). Exact AUC 3/4;
+    binned: 1 pair across bins (won) + 2 pairs sharing a bin (1/2 each) = 2/4, bound 2/(2*4).
+    Domain 1: positive 0.9, negative 0.2: different bins, AUC 1 exactly, bound 0.
+    Overall: positives [1, 2], negatives [2, 1] per bin: 2*2 won + (1*2 + 2*1)/2 = 6 of 9
+    pairs, bound 4/18; the exact overall AUC is 8/9, so the bound is attained.
+    """
+    preds = torch.tensor([0.3, 0.8, 0.1, 0.6, 0.9, 0.2])
+    target = torch.tensor([1, 1, 0, 0, 1, 0])
+    domain = torch.tensor([0, 0, 0, 0, 1, 1])
+    metric = DomainAUC(2, domain_names=["a", "b"], bins=2)
+    metric.update(preds, target, domain)
+    result = metric.compute()
+    assert metric.pos_hist.tolist() == [[1, 1], [0, 1]]
+    assert metric.neg_hist.tolist() == [[1, 1], [1, 0]]
+    assert result["auc_per_domain"].tolist() == [0.5, 1.0]
+    assert result["auc_error_bound"].tolist() == [0.25, 0.0]
+    assert result["wauc"] == pytest.approx((4 * 0.5 + 2 * 1.0) / 6)
+    assert result["wauc_error_bound"] == pytest.approx(4 * 0.25 / 6)
+    assert result["mean_auc"] == pytest.approx(0.75)
+    assert result["mean_auc_error_bound"] == pytest.approx(0.125)
+    assert result["auc"] == pytest.approx(6 / 9)
+    assert result["overall_auc_error_bound"] == pytest.approx(2 / 9)
+    assert binary_auc(preds, target) == pytest.approx(6 / 9 + 2 / 9)
+    assert result["count_per_domain"].tolist() == [4, 2]
+    assert result["positives_per_domain"].tolist() == [2, 1]
+
+
+def test_binned_bin_edges():
+    """Bin floor(p * B): an edge belongs to the bin above it; p = 1 joins the last bin."""
+    below_half = torch.tensor(0.5).nextafter(torch.tensor(0.0))
+    preds = torch.tensor([0.0, 0.25, 0.5, 1.0, float(below_half), 0.75])
+    metric = DomainAUC(1, bins=4)
+    metric.update(preds, torch.ones(6, dtype=torch.long), torch.zeros(6, dtype=torch.long))
+    assert metric.pos_hist.tolist() == [[1, 2, 1, 2]]
+    assert metric.neg_hist.sum() == 0
+
+
+def test_binned_bound_is_zero_and_auc_exact_when_no_bin_holds_both_classes():
+    # Classes interleave across bins (so the AUC is not 1) but never share one.
+    bins = 10
+    gen = torch.Generator().manual_seed(0)
+    bin_of_row = torch.randint(0, bins, (3000,), generator=gen)
+    preds = (bin_of_row.float() + torch.rand(3000, generator=gen) * 0.9) / bins
+    target = (bin_of_row % 2 == 1).long()  # odd bins positive, even bins negative
+    domain = torch.randint(0, 3, (3000,), generator=gen)
+    metric = DomainAUC(3, bins=bins)
+    metric.update(preds, target, domain)
+    result = metric.compute()
+    assert result["auc_error_bound"].tolist() == [0.0, 0.0, 0.0]
+    assert result["wauc_error_bound"] == 0.0 and result["overall_auc_error_bound"] == 0.0
+    expected, _ = grouped_auc(preds, target, domain, 3)
+    torch.testing.assert_close(result["auc_per_domain"], expected, rtol=0, atol=1e-15)
+    assert 0.5 < float(expected.min()) < 0.99
+
+
+def test_histogram_auc_functional():
+    pos = torch.tensor([[0, 3, 1], [2, 0, 0], [0, 0, 0]])
+    neg = torch.tensor([[2, 1, 0], [0, 0, 5], [1, 1, 1]])
+    auc, bound = histogram_auc(pos, neg)
+    # Group 0: pairs 4 * 3 = 12; won 3*2 + 1*3 = 9, tied 3*1 = 3 -> (9 + 1.5) / 12.
+    assert auc[0].item() == pytest.approx(10.5 / 12) and bound[0].item() == pytest.approx(3 / 24)
+    assert auc[1].item() == 0.0 and bound[1].item() == 0.0
+    assert math.isnan(auc[2]) and math.isnan(bound[2])  # no positives
+    with pytest.raises(ValueError, match="same shape"):
+        histogram_auc(pos, neg[:, :2])
+
+
+def test_binned_state_size_does_not_grow_with_rows():
+    metric = DomainAUC(5, bins=256)
+
+    def state_numel() -> int:
+        return sum(t.numel() for t in metric.metric_state.values())
+
+    before = state_numel()
+    assert before == 2 * 5 * 256 + 1  # two [D, B] histograms and the log-loss sum
+    for seed in range(10):
+        metric.update(*ctr_rows(5000, 5, seed=seed))
+    assert state_numel() == before
+    assert int(metric.pos_hist.sum() + metric.neg_hist.sum()) == 50_000
+    metric.reset()
+    assert int(metric.pos_hist.sum() + metric.neg_hist.sum()) == 0 and metric.bce_sum == 0
+
+
+def test_binned_merged_shards_equal_single_metric():
+    """Sum-reduced histograms: two shards merged (as the DDP sync would) equal one metric."""
+    preds, target, domain = ctr_rows(30_000, 5, seed=2)
+    single = DomainAUC(5, bins=512)
     single.update(preds, target, domain)
-    expected = single.compute()
-    for name in ("uneven", "empty_rank"):
-        for rank in range(2):
-            result = torch.load(f"{out_path}.{name}.{rank}", weights_only=False)
-            assert_results_equal(result, expected)
+    half = 12_345
+    shard_a, shard_b = DomainAUC(5, bins=512), DomainAUC(5, bins=512)
+    shard_a.update(preds[:half], target[:half], domain[:half])
+    shard_b.update(preds[half:], target[half:], domain[half:])
+    shard_a.merge_state(shard_b)
+    assert torch.equal(shard_a.pos_hist, single.pos_hist)
+    assert torch.equal(shard_a.neg_hist, single.neg_hist)
+    merged, expected = shard_a.compute(), single.compute()
+    assert merged["logloss"] == pytest.approx(expected["logloss"], rel=1e-12)
+    merged["logloss"] = expected["logloss"]  # summation order differs, values agree
+    assert_results_equal(merged, expected)
+
+
+def test_binned_forward_accumulates_like_update():
+    preds, target, domain = ctr_rows(4000, 3, seed=4)
+    by_forward, by_update = DomainAUC(3, bins=64), DomainAUC(3, bins=64)
+    for chunk in zip(preds.split(1000), target.split(1000), domain.split(1000), strict=True):
+        batch_result = by_forward(*chunk)
+        assert "auc_error_bound" in batch_result
+        by_update.update(*chunk)
+    assert torch.equal(by_forward.pos_hist, by_update.pos_hist)
+    assert torch.equal(by_forward.neg_hist, by_update.neg_hist)
+
+
+def test_binned_single_class_and_empty_domains_are_nan_and_warn():
+    preds, target, domain = two_domain_batch()
+    preds = torch.cat([preds, torch.full((50,), 0.7)])
+    target = torch.cat([target, torch.ones(50, dtype=torch.long)])
+    domain = torch.cat([domain, torch.full((50,), 2)])
+    metric = DomainAUC(4, domain_names=["a", "b", "c", "d"], bins=16)
+    metric.update(preds, target, domain)
+    with pytest.warns(UserWarning, match=r"c \(n=50, positives=50\).*d \(n=0"):
+        result = metric.compute()
+    assert result["undefined_domains"] == ["c", "d"]
+    for key in ("auc_per_domain", "auc_error_bound"):
+        assert math.isnan(result[key][2]) and math.isnan(result[key][3])
+    assert result["count_per_domain"].tolist() == [4, 2, 50, 0]
+    # a: 0.1, 0.2 | 0.8, 0.9 in distinct bins -> exact 1; b: a tie in one bin -> 0.5, bound 0.5
+    assert result["auc_per_domain"][:2].tolist() == [1.0, 0.5]
+    assert result["auc_error_bound"][:2].tolist() == [0.0, 0.5]
+    assert result["wauc"] == pytest.approx(5 / 6)
+    assert result["wauc_error_bound"] == pytest.approx(2 * 0.5 / 6)
+
+
+def test_binned_compute_without_update_is_nan():
+    metric = DomainAUC(3, bins=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchmetrics' "compute before update" + ours
+        result = metric.compute()
+    for key in ("wauc", "mean_auc", "auc", "logloss", "wauc_error_bound"):
+        assert math.isnan(result[key])
+    assert result["count_per_domain"].tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize("bins", [None, 16])
+def test_domain_auc_states_keep_their_dtypes_under_module_casts(bins):
+    """``LightningModule.to(torch.bfloat16)`` (bf16-true precision) reaches the metric: it
+    must not round the float64 log-loss sum or the counts, nor the rows' common dtype."""
+    preds, target, domain = ctr_rows(3000, 3, seed=6)
+    reference = DomainAUC(3, bins=bins)
+    reference.update(preds, target, domain)
+    cast = DomainAUC(3, bins=bins).to(torch.bfloat16)
+    cast.set_dtype(torch.float16)
+    cast.update(preds, target, domain)
+    assert cast.dtype == torch.float32
+    if bins is not None:
+        assert cast.bce_sum.dtype == torch.float64 and cast.pos_hist.dtype == torch.int64
+    assert_results_equal(cast.compute(), reference.compute())
+
+
+@pytest.mark.parametrize("bins", [0, 1, -4, 2.5, "64", True])
+def test_domain_auc_rejects_bad_bins(bins):
+    with pytest.raises(ValueError, match="bins"):
+        DomainAUC(2, bins=bins)
+
+
+def test_domain_auc_two_bins_is_the_minimum():
+    assert DomainAUC(2, bins=2).bins == 2
+    assert DomainAUC(2).bins is None
 
 
 # ------------------------------------------------------------------------------- table
