@@ -18,13 +18,20 @@ def interactive() -> bool:
     return sys.stderr.isatty() and not os.environ.get("CI")
 
 
+def first_set(*values):
+    """The first value that is not null: ``${first_set:${resume},outputs/...}``."""
+    return next((value for value in values if value is not None), None)
+
+
 def register_resolvers() -> None:
-    """``${interactive:}``, ``${run_suffix:}`` and ``${job_dirname:...}`` used by conf/.
+    """``${interactive:}``, ``${run_suffix:}``, ``${first_set:...}``, ``${job_dirname:...}``.
 
     Safe to call twice.
     """
     from moe_mlora.sweep import job_dirname
 
+    if not OmegaConf.has_resolver("first_set"):
+        OmegaConf.register_new_resolver("first_set", first_set)
     if not OmegaConf.has_resolver("job_dirname"):
         OmegaConf.register_new_resolver("job_dirname", job_dirname)
     if not OmegaConf.has_resolver("interactive"):

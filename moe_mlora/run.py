@@ -36,7 +36,10 @@ from moe_mlora.data.processed import DataError
 from moe_mlora.metrics import format_domain_table
 from moe_mlora.models import AdapterConfig, build_model
 from moe_mlora.models.complexity import complexity
+from moe_mlora.serving import save_model
 from moe_mlora.sweep import (
+    config_fingerprint,
+    finished_results,
     is_multirun,
     job_threads,
     run_fields,
@@ -45,6 +48,7 @@ from moe_mlora.sweep import (
     sweep_label,
     task_overrides,
 )
+from moe_mlora.training.checkpoints import CHECKPOINT_DIR, CheckpointError, RunCheckpoints
 from moe_mlora.training.module import CTRModule, Phase
 from moe_mlora.training.phases import PhaseReport, Schedule, metrics_to_json
 
@@ -117,7 +121,12 @@ def build_module(cfg: DictConfig, datamodule) -> CTRModule:
     model_options = {k: v for k, v in cfg.model.items() if k != "name"}
     model_options = OmegaConf.to_container(OmegaConf.create(model_options), resolve=True)
     model = build_model(cfg.model.name, data.fields, data.num_domains, adapter, **model_options)
-    return CTRModule(model, data.domain_names, cfg.optimizer.lr, cfg.optimizer.weight_decay)
+    bins = cfg.get("evaluation", {}).get("auc_bins")
+    if bins is not None and (not isinstance(bins, int) or bins < 2):
+        raise ConfigError(f"evaluation.auc_bins must be an integer >= 2 or null, got {bins!r}")
+    return CTRModule(
+        model, data.domain_names, cfg.optimizer.lr, cfg.optimizer.weight_decay, auc_bins=bins
+    )
 
 
 WANDB_GROUP_LIMIT = 128  # characters W&B accepts in a group name
@@ -132,8 +141,21 @@ def sweep_group(cfg: DictConfig) -> str | None:
     return None
 
 
+def csv_version(output_dir: Path) -> str:
+    """``csv/`` for a run's metrics; a resumed run writes ``csv/attempt2/``... beside them."""
+    csv_dir = output_dir / "csv"
+    if not (csv_dir / "metrics.csv").exists():
+        return ""
+    attempt = 2
+    while (csv_dir / f"attempt{attempt}").exists():
+        attempt += 1
+    return f"attempt{attempt}"
+
+
 def build_loggers(cfg: DictConfig, output_dir: Path) -> list[Logger]:
-    loggers: list[Logger] = [CSVLogger(str(output_dir), name="csv", version="")]
+    loggers: list[Logger] = [
+        CSVLogger(str(output_dir), name="csv", version=csv_version(output_dir))
+    ]
     settings = cfg.logger.wandb
     if settings.enabled and settings.mode != "disabled":
         os.environ.setdefault("WANDB_SILENT", "true")
@@ -291,6 +313,41 @@ def finish_wandb(loggers: list[Logger]) -> None:
 
 
 # ------------------------------------------------------------------ top level
+def run_checkpoints(cfg: DictConfig, output_dir: Path) -> RunCheckpoints | None:
+    """The run folder's checkpoints (None with ``checkpoint=false``); says when it resumes."""
+    if not cfg.get("checkpoint", True):
+        return None
+    checkpoints = RunCheckpoints(output_dir, config_fingerprint(cfg))
+    if checkpoints.exists():
+        log.info("checkpoints in %s: continuing the interrupted run", checkpoints.folder)
+        print(f"resuming from {checkpoints.folder}")
+    return checkpoints
+
+
+def check_resume(cfg: DictConfig) -> None:
+    """``resume=DIR`` must name a run folder that has something to resume."""
+    if cfg.get("resume") is None:
+        return
+    folder = Path(cfg.resume)
+    if not folder.is_dir():
+        raise ConfigError(f"resume={folder}: no such run folder")
+    if not (folder / CHECKPOINT_DIR).is_dir() and not (folder / "results.json").is_file():
+        raise ConfigError(
+            f"resume={folder}: the folder has no {CHECKPOINT_DIR}/ to continue from (the run "
+            "ended before its first epoch, or ran with checkpoint=false)"
+        )
+
+
+def run_single(cfg: DictConfig, output_dir: Path) -> dict:
+    """One run (not a sweep job): a finished run given to resume= is reported, not rerun."""
+    check_resume(cfg)
+    finished = finished_results(output_dir, cfg) if cfg.get("resume") else None
+    if finished is not None:
+        print(f"{output_dir} already completed: test WAUC {finished['test']['wauc']:.4f}")
+        return finished
+    return train_and_evaluate(cfg, output_dir)
+
+
 def train_and_evaluate(cfg: DictConfig, output_dir: Path) -> dict:
     """Run the configured method's phases, test once, write ``results.json``; return the results."""
     quiet_lightning()
@@ -311,6 +368,7 @@ def train_and_evaluate(cfg: DictConfig, output_dir: Path) -> dict:
     try:
         for logger in loggers:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        checkpoints = run_checkpoints(cfg, output_dir)
         schedule = Schedule(
             module,
             datamodule,
@@ -318,6 +376,7 @@ def train_and_evaluate(cfg: DictConfig, output_dir: Path) -> dict:
             patience=cfg.callbacks.early_stopping.patience,
             min_delta=cfg.callbacks.early_stopping.min_delta,
             phase2_mode=cfg.method.get("phase2", "parallel"),
+            checkpoints=checkpoints,
         )
         reports = schedule.run(cfg.method.name)
         test = schedule.test()
@@ -325,9 +384,12 @@ def train_and_evaluate(cfg: DictConfig, output_dir: Path) -> dict:
             cfg, module, datamodule, reports, test, time.perf_counter() - start, output_dir
         )
         write_json_atomically(output_dir / "results.json", results)
+        save_model(output_dir / "model.pt", module, cfg, datamodule.processed)
         log_to_wandb(loggers, results, datamodule.domain_names)
         for logger in loggers:
             logger.save()
+        if checkpoints is not None:
+            checkpoints.clear()  # the run is complete: results.json and model.pt hold it
     finally:
         finish_wandb(loggers)
     print(summary_table(results, reports))
@@ -345,11 +407,19 @@ def main(cfg: DictConfig) -> float | None:
     if is_multirun():
         return run_sweep_job(cfg, output_dir, train_and_evaluate, write_json_atomically)
     try:
-        results = train_and_evaluate(cfg, output_dir)
-    except (DataError, ConfigError) as error:
+        results = run_single(cfg, output_dir)
+    except (DataError, ConfigError, CheckpointError) as error:
         (output_dir / "error.txt").write_text(f"{type(error).__name__}: {error}\n")
         print(f"moe_mlora: error: {error}", file=sys.stderr)
         sys.exit(2)
+    except FloatingPointError as error:
+        (output_dir / "error.txt").write_text(f"{type(error).__name__}: {error}\n")
+        kept = output_dir / CHECKPOINT_DIR
+        print(
+            f"moe_mlora: error: {error}; the last good checkpoint is kept in {kept}",
+            file=sys.stderr,
+        )
+        sys.exit(1)
     return results["test"]["wauc"]
 
 

@@ -5,7 +5,7 @@ A Hydra multirun job (``python -m moe_mlora.run -m ...``) runs through :func:`ru
 * its folder is named by its overrides (``data=movielens_gender,method=base,seed=1``), so
   rerunning the same sweep into the same ``hydra.sweep.dir`` finds each job's earlier folder;
 * a job whose folder already holds a completed ``results.json`` from the same config is skipped
-  (``rerun=true`` runs it again);
+  (``rerun=true`` runs it again); one that was interrupted continues from its checkpoints;
 * a job that raises (bad config value, missing data, NaN loss, any crash) writes a ``failed``
   ``results.json`` and ``error.txt`` with the error and traceback, and the sweep goes on;
 * at the end, :class:`SweepSummary` prints how many jobs completed and failed, and the
@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
 import traceback
 from collections.abc import Callable
@@ -29,11 +30,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from moe_mlora.training.checkpoints import CHECKPOINT_DIR
+
 log = logging.getLogger("moe_mlora")
 
 # Keys that change how a run is shown or where it caches, not what it computes: a finished job
 # run with other values of these is still the same job.
-PRESENTATION_KEYS = ("progress", "threads", "rerun", "logger", "paths")
+PRESENTATION_KEYS = ("progress", "threads", "rerun", "resume", "checkpoint", "logger", "paths")
 MAX_DIRNAME = 120
 
 
@@ -155,6 +158,8 @@ def run_sweep_job(
         log.info("skipping %s: results.json is complete (rerun=true runs it again)", output_dir)
         print(f"skipped (finished earlier): {output_dir}")
         return previous["test"]["wauc"]
+    if cfg.get("rerun", False):
+        shutil.rmtree(output_dir / CHECKPOINT_DIR, ignore_errors=True)  # start afresh
     start = time.perf_counter()
     try:
         return train(cfg, output_dir)["test"]["wauc"]

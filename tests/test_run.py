@@ -136,3 +136,19 @@ def test_cli_bad_inputs_exit_with_a_clear_message(tmp_path):
     assert "Traceback" not in missing.stderr
     assert (tmp_path / "r" / "error.txt").exists()
     assert not (tmp_path / "r" / "results.json").exists()
+
+
+def test_binned_auc_mode_reports_an_error_bound_close_to_the_exact_value(cache_dir, tmp_path):
+    exact = train_and_evaluate(compose(tiny(cache_dir, "method=base")), tmp_path / "exact")
+    binned = train_and_evaluate(
+        compose(tiny(cache_dir, "method=base", "evaluation.auc_bins=65536")), tmp_path / "binned"
+    )
+    bound = binned["test"]["wauc_error_bound"]
+    assert 0 <= bound < 0.01  # a tiny test set, so a coarse bound
+    assert abs(binned["test"]["wauc"] - exact["test"]["wauc"]) <= bound + 1e-12
+    assert "wauc_error_bound" not in exact["test"]
+
+
+def test_bad_auc_bins_is_a_config_error(cache_dir, tmp_path):
+    with pytest.raises(ConfigError, match=r"evaluation\.auc_bins"):
+        train_and_evaluate(compose(tiny(cache_dir, "evaluation.auc_bins=1")), tmp_path)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import lightning as L
 import torch
@@ -67,9 +67,28 @@ class BestWeights(L.Callback):
         if self._wait >= self.patience:
             trainer.should_stop = True
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._wait >= self.patience:  # resumed from the epoch that decided to stop
+            trainer.should_stop = True
+
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._saved is not None:
             restore(self._parameters, self._saved)
+
+    def state_dict(self) -> dict:
+        return {
+            "best": self.best,
+            "best_epoch": self.best_epoch,
+            "best_metrics": self.best_metrics,
+            "epochs": self.epochs,
+            "wait": self._wait,
+            "saved": self._saved,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.best_epoch = state["best"], state["best_epoch"]
+        self.best_metrics, self.epochs = state["best_metrics"], state["epochs"]
+        self._wait, self._saved = state["wait"], state["saved"]
 
 
 @dataclass
@@ -123,10 +142,20 @@ class ExpertEarlyStopping(L.Callback):
         if not self.batches.active:
             trainer.should_stop = True
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.batches.active:  # resumed from the epoch that stopped the last expert
+            trainer.should_stop = True
+
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for expert, record in self.records.items():
             if record.saved is not None:
                 restore(pl_module.model.expert_parameters(expert), record.saved)
+
+    def state_dict(self) -> dict:
+        return {"records": {e: asdict(r) for e, r in self.records.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.records = {int(e): ExpertRecord(**r) for e, r in state["records"].items()}
 
 
 class TrainThroughput(L.Callback):
@@ -161,6 +190,16 @@ class TrainThroughput(L.Callback):
         if self._epoch_start is not None and self._last_end is not None:
             self.wall_seconds += self._last_end - self._epoch_start
         self._epoch_start = None
+
+    def state_dict(self) -> dict:
+        return {"samples": self.samples, "seconds": self.seconds, "wall": self.wall_seconds}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.samples, self.seconds, self.wall_seconds = (
+            state["samples"],
+            state["seconds"],
+            state["wall"],
+        )
 
     @property
     def samples_per_second(self) -> float:

@@ -87,6 +87,7 @@ class CTRModule(L.LightningModule):
         domain_names: list[str],
         lr: float = 1e-3,
         weight_decay: float = 0.0,
+        auc_bins: int | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -95,8 +96,8 @@ class CTRModule(L.LightningModule):
         self.lr = lr
         self.weight_decay = weight_decay
         self.phase = Phase(1, "joint")
-        self.val_metric = DomainAUC(self.num_domains, self.domain_names)
-        self.test_metric = DomainAUC(self.num_domains, self.domain_names)
+        self.val_metric = DomainAUC(self.num_domains, self.domain_names, bins=auc_bins)
+        self.test_metric = DomainAUC(self.num_domains, self.domain_names, bins=auc_bins)
         self._expert_val: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._experts_in_batch: torch.Tensor | None = None
         self.last_val: dict | None = None

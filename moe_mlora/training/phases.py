@@ -9,10 +9,12 @@ validation WAUC, and ends with its best weights restored.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -25,9 +27,18 @@ from moe_mlora.training.callbacks import (
     ExpertRecord,
     TrainThroughput,
 )
+from moe_mlora.training.checkpoints import EpochCheckpoint, RunCheckpoints, set_rng_state
 from moe_mlora.training.module import CTRModule, Phase
 
+log = logging.getLogger("moe_mlora")
+
 METHODS = ("base", "mlora", "moe_mlora")
+# The model's routing in each phase of a method (see CTRModel.routing).
+PHASE_ROUTING = {
+    "base": ["off"],
+    "mlora": ["domain"],
+    "moe_mlora": ["off", "expert", "mixture"],
+}
 PHASE2_MODES = ("parallel", "sequential")
 
 # Builds a Trainer for a phase with the given callbacks; `reload` asks for the
@@ -55,6 +66,10 @@ class PhaseReport:
     def to_json(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_json(cls, values: dict) -> PhaseReport:
+        return cls(**values)
+
 
 def metrics_to_json(result: dict | None, domain_names: list[str]) -> dict | None:
     """A DomainAUC result as plain JSON: headline numbers and a per-domain table."""
@@ -71,6 +86,9 @@ def metrics_to_json(result: dict | None, domain_names: list[str]) -> dict | None
             "positive_rate": positives / samples if samples else None,
         }
     out = {key: float(result[key]) for key in ("wauc", "mean_auc", "auc", "logloss")}
+    if "wauc_error_bound" in result:  # binned AUC (evaluation.auc_bins): its worst-case error
+        out["wauc_error_bound"] = float(result["wauc_error_bound"])
+        out["auc_error_bound"] = float(result["overall_auc_error_bound"])
     out["per_domain"] = per_domain
     out["undefined_domains"] = list(result.get("undefined_domains", []))
     if "gate_weights" in result:
@@ -118,6 +136,7 @@ class Schedule:
         patience: int = 3,
         min_delta: float = 0.0,
         phase2_mode: str = "parallel",
+        checkpoints: RunCheckpoints | None = None,
     ) -> None:
         if phase2_mode not in PHASE2_MODES:
             raise ValueError(f"method.phase2 must be one of {PHASE2_MODES}, got {phase2_mode!r}")
@@ -128,17 +147,48 @@ class Schedule:
         self.patience = patience
         self.min_delta = min_delta
         self.phase2_mode = phase2_mode
+        self.checkpoints = checkpoints
         self.last_trainer: L.Trainer | None = None
 
     # ------------------------------------------------------------------ public
     def run(self, method: str) -> list[PhaseReport]:
+        """Run the method's phases in order; with checkpoints, skip those that already ended."""
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
         if method == "moe_mlora":
-            return [self.backbone_phase(), self.experts_phase(), self.gate_phase()]
-        self.model.routing = "domain" if method == "mlora" else "off"
+            steps = [self.backbone_phase, self.experts_phase, self.gate_phase]
+        else:
+            steps = [lambda: self.joint_phase(method)]
+        reports: list[PhaseReport] = []
+        ended: dict | None = None  # the last phase that ended in an earlier attempt
+        for index, step in enumerate(steps, start=1):
+            record = self.checkpoints.finished_phase(index) if self.checkpoints else None
+            if record is not None:
+                reports.append(PhaseReport.from_json(record["report"]))
+                ended = record
+                continue
+            if ended is not None:
+                self._continue_after(ended)
+                ended = None
+            report = step()
+            if self.checkpoints:
+                self.checkpoints.save_phase(index, report.to_json(), self.model)
+            reports.append(report)
+        if ended is not None:  # every phase had ended: the run stopped before or during test
+            self._continue_after(ended)
+            self.model.routing = PHASE_ROUTING[method][-1]
+        return reports
+
+    def joint_phase(self, method: str) -> PhaseReport:
+        self.model.routing = PHASE_ROUTING[method][0]
         self._trainable(backbone=True, experts=True, gate=False)
-        return [self._fit_on_all_domains(Phase(1, "joint"))]
+        return self._fit_on_all_domains(Phase(1, "joint"))
+
+    def _continue_after(self, record: dict) -> None:
+        """Load an ended phase's weights and random state, as if it had just ended here."""
+        self.model.load_state_dict(record["model"])
+        set_rng_state(record["rng"])
+        log.info("resumed after phase %s (%s)", record["report"]["index"], record["report"]["kind"])
 
     def backbone_phase(self) -> PhaseReport:
         self.model.routing = "off"
@@ -211,12 +261,16 @@ class Schedule:
         best = BestWeights(f"{phase.prefix}/val/wauc", self.patience, self.min_delta)
         throughput = TrainThroughput()
         start = time.perf_counter()
-        trainer = self.make_trainer(phase, [best, throughput], False)
         dm = self.datamodule
+        train = dm.train_dataloader()
+        callbacks, resume = self._with_epoch_checkpoints(phase, [best, throughput], train)
+        trainer = self.make_trainer(phase, callbacks, False)
         trainer.fit(
             self.module,
-            train_dataloaders=dm.train_dataloader(),
+            train_dataloaders=train,
             val_dataloaders=dm.val_dataloader(),
+            ckpt_path=resume,
+            weights_only=False,  # our own file: it holds random states and metric dicts
         )
         self.last_trainer = trainer
         return PhaseReport(
@@ -239,8 +293,31 @@ class Schedule:
         batches = self.datamodule.expert_train_batches(assignment, active=experts)
         stopper = ExpertEarlyStopping(batches, assignment, self.patience, self.min_delta)
         throughput = TrainThroughput()
-        trainer = self.make_trainer(phase, [stopper, throughput], True)
+        callbacks, resume = [stopper, throughput], None
+        if self.phase2_mode == "parallel":  # sequential: a resume restarts phase 2
+            callbacks, resume = self._with_epoch_checkpoints(phase, callbacks, batches)
+        trainer = self.make_trainer(phase, callbacks, True)
         val = self.datamodule.expert_val_batches(assignment)
-        trainer.fit(self.module, train_dataloaders=batches, val_dataloaders=val)
+        trainer.fit(
+            self.module,
+            train_dataloaders=batches,
+            val_dataloaders=val,
+            ckpt_path=resume,
+            weights_only=False,
+        )
         self.last_trainer = trainer
         return stopper, throughput
+
+    def _with_epoch_checkpoints(
+        self, phase: Phase, callbacks: list[L.Callback], train_batches
+    ) -> tuple[list[L.Callback], Path | None]:
+        """The phase's callbacks plus per-epoch checkpoints, and the checkpoint to resume from."""
+        if self.checkpoints is None:
+            return callbacks, None
+        saver = EpochCheckpoint(
+            self.checkpoints.epoch_file(phase.index), self.checkpoints.fingerprint, train_batches
+        )
+        resume = self.checkpoints.resume_path(phase.index)
+        if resume is not None:
+            log.info("resuming phase %d (%s) from %s", phase.index, phase.kind, resume)
+        return [*callbacks, saver], resume

@@ -1,0 +1,169 @@
+"""Checkpoints that let an interrupted run continue where it stopped, with the same result.
+
+A run folder's ``checkpoints/`` holds, written atomically (a temporary file renamed over the
+old one, so a kill never leaves a half-written file):
+
+* ``phase{k}.pt`` once phase k has ended: its report, the model's weights after it (best
+  weights restored) and the random-number state, so a resumed run skips the phase;
+* ``phase{k}-last.ckpt`` after every epoch of the phase in progress: Lightning's checkpoint
+  (weights, optimizer, epoch counters) plus, through :class:`EpochCheckpoint`'s state, the
+  early-stopping state, the batches' epoch counters and the random-number state.
+
+Each file carries the run's config fingerprint; a resume with another config is refused.
+Resuming from ``phase{k}-last.ckpt`` replays nothing: the next epoch draws the same
+shuffles and dropout masks as it would have, so on CPU the final metrics equal an
+uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+
+log = logging.getLogger("moe_mlora")
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used (corrupt, or from another config); says which and why."""
+
+
+def rng_state() -> dict[str, Any]:
+    """Every global random-number state a training step can draw from (dropout, numpy)."""
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def save_atomically(payload: dict, path: Path) -> None:
+    """torch.save to a temporary file in the same folder, then rename it over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(payload, staging)
+    os.replace(staging, path)
+
+
+def load_checkpoint_file(path: Path) -> dict:
+    """A checkpoint's content on the CPU; a corrupt file is a CheckpointError, not a torch trace."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint ({type(error).__name__}: {error}); delete it "
+            "to restart that phase from its beginning"
+        ) from error
+
+
+class RunCheckpoints:
+    """The checkpoints of one run folder: which phases ended, and where the current one stands."""
+
+    def __init__(self, output_dir: Path, fingerprint: str) -> None:
+        self.folder = Path(output_dir) / CHECKPOINT_DIR
+        self.fingerprint = fingerprint
+
+    def phase_file(self, index: int) -> Path:
+        return self.folder / f"phase{index}.pt"
+
+    def epoch_file(self, index: int) -> Path:
+        return self.folder / f"phase{index}-last.ckpt"
+
+    def exists(self) -> bool:
+        return self.folder.is_dir() and any(self.folder.iterdir())
+
+    def check(self, payload: dict, path: Path) -> dict:
+        found = payload.get("config_fingerprint")
+        if found != self.fingerprint:
+            raise CheckpointError(
+                f"{path} belongs to another config (fingerprint {found}, this run's is "
+                f"{self.fingerprint}); resume with the overrides the run was started with"
+            )
+        return payload
+
+    def save_phase(self, index: int, report: dict, model: torch.nn.Module) -> None:
+        payload = {
+            "config_fingerprint": self.fingerprint,
+            "report": report,
+            "model": model.state_dict(),
+            "rng": rng_state(),
+        }
+        save_atomically(payload, self.phase_file(index))
+        self.epoch_file(index).unlink(missing_ok=True)
+
+    def finished_phase(self, index: int) -> dict | None:
+        """Phase ``index``'s end record, if it ended in an earlier attempt."""
+        path = self.phase_file(index)
+        if not path.is_file():
+            return None
+        return self.check(load_checkpoint_file(path), path)
+
+    def resume_path(self, index: int) -> Path | None:
+        """Lightning's last epoch checkpoint of phase ``index``, checked, if there is one."""
+        path = self.epoch_file(index)
+        if not path.is_file():
+            return None
+        checkpoint = load_checkpoint_file(path)
+        self.check(checkpoint.get("moe_mlora", {}), path)
+        return path
+
+    def clear(self) -> None:
+        """Remove the checkpoints once the run is complete (results.json and model.pt remain)."""
+        for path in self.folder.glob("*"):
+            path.unlink()
+        if self.folder.is_dir():
+            self.folder.rmdir()
+
+
+class EpochCheckpoint(L.Callback):
+    """Writes ``phase{k}-last.ckpt`` after each epoch's validation; restores what Lightning doesn't.
+
+    Lightning's checkpoint covers weights, optimizer and epoch counters, and the state of
+    callbacks that define ``state_dict``. This callback adds the train batches' epoch
+    counter (their shuffle seeds), the experts still active in phase 2, the global
+    random-number state (dropout) and the config fingerprint. Put it last in the callback
+    list, so the early-stopping callbacks have updated their state before it is saved.
+    """
+
+    def __init__(self, path: Path, fingerprint: str, train_batches: Any) -> None:
+        self.path = path
+        self.fingerprint = fingerprint
+        self.train_batches = train_batches
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        staging = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        trainer.save_checkpoint(staging, weights_only=False)
+        if trainer.is_global_zero:
+            os.replace(staging, self.path)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint["moe_mlora"] = {
+            "config_fingerprint": self.fingerprint,
+            "rng": rng_state(),
+            "batches_epoch": self.train_batches.epoch,
+            "active": sorted(getattr(self.train_batches, "active", [])),
+        }
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        state = checkpoint["moe_mlora"]
+        self.train_batches.epoch = state["batches_epoch"]
+        if hasattr(self.train_batches, "active"):
+            self.train_batches.active = set(state["active"])
+        set_rng_state(state["rng"])
