@@ -14,6 +14,7 @@ config), ``results.json``, ``csv/metrics.csv`` and a W&B run (offline unless
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -29,10 +30,14 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig, OmegaConf
+from torch.nn.parallel import DistributedDataParallel
 
 from moe_mlora.config import CONF_DIR, check_conf_dir, register_resolvers
+from moe_mlora.data.device import place_on_gpu
 from moe_mlora.data.processed import DataError
+from moe_mlora.distributed import barrier, externally_launched, is_global_zero
 from moe_mlora.metrics import format_domain_table
 from moe_mlora.models import AdapterConfig, build_model
 from moe_mlora.models.complexity import complexity
@@ -67,6 +72,9 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")
+    # Under DDP: validation and test values come from metrics synced across the processes
+    # (DomainAUC, the gathered per-expert rows), identical on every rank: no sync_dist needed.
+    warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed.*")
 
 
 # Keys of method.adapter that moved into its gate block: old name -> new name.
@@ -185,10 +193,114 @@ def wandb_tags(cfg: DictConfig) -> list[str]:
     return list(dict.fromkeys(tag[:WANDB_TAG_LIMIT] for tag in tags))
 
 
+# Strategies that start fresh processes for every fit: the schedule keeps its state (best
+# weights, early stopping, the module's metrics) in this process, so they cannot work.
+SPAWNING_STRATEGIES = ("spawn", "fork", "notebook")
+
+
+def usable_cpus() -> int:
+    """CPU cores this process may run on (its affinity mask, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def available_devices(accelerator: str) -> tuple[int, str] | None:
+    """How many devices ``accelerator`` has here, and their kind; None when we cannot tell."""
+    accelerator = accelerator.lower()
+    if accelerator == "auto":
+        if torch.cuda.is_available():
+            accelerator = "gpu"
+        elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            accelerator = "mps"
+        else:
+            accelerator = "cpu"
+    if accelerator in ("gpu", "cuda"):
+        return torch.cuda.device_count(), "GPUs (torch.cuda.device_count())"
+    if accelerator == "mps":
+        available = getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
+        return int(bool(available)), "MPS devices"
+    if accelerator == "cpu":
+        return usable_cpus(), "CPU cores (one process per device)"
+    return None
+
+
+def requested_devices(devices) -> int | None:
+    """``trainer.devices`` as a count: an int, a numeric string or a list of ids; None = auto."""
+    if isinstance(devices, (list, tuple)):
+        return max(int(d) for d in devices) + 1 if devices else None
+    if isinstance(devices, str):
+        devices = devices.strip().rstrip(",")
+        if "," in devices:
+            return requested_devices([d for d in devices.split(",") if d.strip()])
+        if not devices.lstrip("-").isdigit():
+            return None  # "auto"
+    count = int(devices)
+    return count if count > 0 else None  # -1: all of them
+
+
+def check_trainer(cfg: DictConfig) -> None:
+    """Refuse trainer settings that would fail inside Lightning, before anything is built.
+
+    ``trainer.devices`` above what this machine has would otherwise surface as a Lightning
+    traceback after the data are loaded. CPU processes are counted against the usable
+    cores, except when a cluster launcher (srun, torchrun) made the processes itself.
+    """
+    trainer = cfg.trainer
+    strategy = str(trainer.get("strategy", "auto"))
+    if any(word in strategy for word in SPAWNING_STRATEGIES):
+        raise ConfigError(
+            f"trainer.strategy={strategy} is not supported: it starts new processes for every "
+            "fit, and the phases keep their state in this one; use trainer=ddp (strategy: ddp)"
+        )
+    asked = requested_devices(trainer.get("devices", "auto"))
+    accelerator = str(trainer.get("accelerator", "auto"))
+    found = available_devices(accelerator)
+    if asked is not None and found is not None:
+        available, kind = found
+        external_cpu = kind.startswith("CPU") and externally_launched()
+        if asked > available and not external_cpu:
+            raise ConfigError(
+                f"trainer.devices={trainer.devices} asks for {asked} devices but this machine "
+                f"has {available} {kind} for trainer.accelerator={accelerator}; lower "
+                f"trainer.devices to at most {available}"
+            )
+    processes = (asked or 1) * int(trainer.get("num_nodes", 1) or 1)
+    if strategy.startswith("ddp") and processes > 1 and is_multirun() and not externally_launched():
+        raise ConfigError(
+            "trainer=ddp in a local sweep (-m) is not supported: Lightning would re-run the "
+            "whole sweep command for each extra process. Run one job per command, or sweep "
+            "with hydra/launcher=slurm hydra.launcher.tasks_per_node=<trainer.devices>"
+        )
+
+
+def trainer_strategy(strategy, unused_parameters: bool):
+    """``ddp`` as a DDPStrategy fit for the phases; any other value as given.
+
+    ``find_unused_parameters`` where a process's shard may hold no row of some expert or
+    domain, whose adapter then gets no gradient there: phase 2's experts and MLoRA's domain
+    adapters. Elsewhere every trainable parameter is used by every row (checked for all
+    backbones), and the flag would cost a graph traversal per step. Buffer syncs before each
+    forward are off: our buffers are constants (index tables, pretrained embeddings), the
+    same on every rank from the start, and a sync would cost a collective per forward.
+    """
+    if strategy != "ddp":
+        return strategy
+    ddp_options = inspect.signature(DistributedDataParallel.__init__).parameters
+    no_sync = (
+        "forward_sync_buffers" if "forward_sync_buffers" in ddp_options else "broadcast_buffers"
+    )
+    return DDPStrategy(find_unused_parameters=unused_parameters, **{no_sync: False})
+
+
 def trainer_factory(cfg: DictConfig, loggers: list[Logger]):
     options = OmegaConf.to_container(cfg.trainer, resolve=True)
 
     def make_trainer(phase: Phase, callbacks: list[L.Callback], reload: bool) -> L.Trainer:
+        if "strategy" in options:  # a fresh strategy object per Trainer: they hold state
+            unused = phase.kind == "experts" or cfg.method.adapter.kind == "mlora"
+            options["strategy"] = trainer_strategy(cfg.trainer.strategy, unused)
         return L.Trainer(
             **options,
             logger=loggers,
@@ -320,7 +432,8 @@ def run_checkpoints(cfg: DictConfig, output_dir: Path) -> RunCheckpoints | None:
     checkpoints = RunCheckpoints(output_dir, config_fingerprint(cfg))
     if checkpoints.exists():
         log.info("checkpoints in %s: continuing the interrupted run", checkpoints.folder)
-        print(f"resuming from {checkpoints.folder}")
+        if is_global_zero():
+            print(f"resuming from {checkpoints.folder}")
     return checkpoints
 
 
@@ -349,13 +462,20 @@ def run_single(cfg: DictConfig, output_dir: Path) -> dict:
 
 
 def train_and_evaluate(cfg: DictConfig, output_dir: Path) -> dict:
-    """Run the configured method's phases, test once, write ``results.json``; return the results."""
+    """Run the configured method's phases, test once, write ``results.json``; return the results.
+
+    Under DDP every process runs this; only global rank 0 writes files and prints.
+    """
     quiet_lightning()
+    check_trainer(cfg)
     start = time.perf_counter()
     output_dir.mkdir(parents=True, exist_ok=True)
     threads = job_threads(cfg)
     if threads:
         torch.set_num_threads(threads)
+        if str(cfg.trainer.get("strategy", "")).startswith("ddp"):
+            # Lightning's DDP launcher sets cores // processes threads unless this is set.
+            os.environ["OMP_NUM_THREADS"] = str(threads)
     log.info("torch threads: %d", torch.get_num_threads())
     L.seed_everything(int(cfg.seed), verbose=False)
     datamodule = instantiate(
@@ -363,6 +483,8 @@ def train_and_evaluate(cfg: DictConfig, output_dir: Path) -> dict:
     )
     datamodule.prepare()
     log.info("data\n%s", datamodule.describe())
+    if cfg.data.get("on_device", True):
+        place_on_gpu(datamodule.processed, str(cfg.trainer.accelerator), cfg.trainer.devices)
     module = build_module(cfg, datamodule)
     loggers = build_loggers(cfg, output_dir)
     try:
@@ -383,19 +505,27 @@ def train_and_evaluate(cfg: DictConfig, output_dir: Path) -> dict:
         results = build_results(
             cfg, module, datamodule, reports, test, time.perf_counter() - start, output_dir
         )
-        write_json_atomically(output_dir / "results.json", results)
-        save_model(output_dir / "model.pt", module, cfg, datamodule.processed)
-        log_to_wandb(loggers, results, datamodule.domain_names)
-        for logger in loggers:
-            logger.save()
-        if checkpoints is not None:
-            checkpoints.clear()  # the run is complete: results.json and model.pt hold it
+        if is_global_zero():
+            write_results(loggers, output_dir, results, module, cfg, datamodule)
+            if checkpoints is not None:
+                checkpoints.clear()  # the run is complete: results.json and model.pt hold it
+        barrier()  # no process ends before the run's files are written
     finally:
         finish_wandb(loggers)
-    print(summary_table(results, reports))
-    print(format_domain_table(test, datamodule.domain_names))
-    print(f"results: {output_dir / 'results.json'}")
+    if is_global_zero():
+        print(summary_table(results, reports))
+        print(format_domain_table(test, datamodule.domain_names))
+        print(f"results: {output_dir / 'results.json'}")
     return results
+
+
+def write_results(loggers, output_dir: Path, results: dict, module, cfg, datamodule) -> None:
+    """results.json, model.pt, the W&B summary and the loggers' files (global rank 0's job)."""
+    write_json_atomically(output_dir / "results.json", results)
+    save_model(output_dir / "model.pt", module, cfg, datamodule.processed)
+    log_to_wandb(loggers, results, datamodule.domain_names)
+    for logger in loggers:
+        logger.save()
 
 
 register_resolvers()

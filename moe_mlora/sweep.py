@@ -30,6 +30,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from moe_mlora.distributed import is_global_zero
 from moe_mlora.training.checkpoints import CHECKPOINT_DIR
 
 log = logging.getLogger("moe_mlora")
@@ -165,9 +166,10 @@ def run_sweep_job(
         return train(cfg, output_dir)["test"]["wauc"]
     except Exception as error:
         record = failure_record(cfg, output_dir, error, time.perf_counter() - start)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        write_json(output_dir / "results.json", record)
-        (output_dir / "error.txt").write_text(record["error"]["traceback"])
+        if is_global_zero():  # under DDP (a multi-task SLURM job) one writer
+            output_dir.mkdir(parents=True, exist_ok=True)
+            write_json(output_dir / "results.json", record)
+            (output_dir / "error.txt").write_text(record["error"]["traceback"])
         log.error("job failed (%s: %s); the sweep goes on", type(error).__name__, error)
         print(f"moe_mlora: job failed: {type(error).__name__}: {error} ({output_dir})")
         return None

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from moe_mlora.config import compose
 from moe_mlora.data.processed import DataError
@@ -152,3 +153,18 @@ def test_binned_auc_mode_reports_an_error_bound_close_to_the_exact_value(cache_d
 def test_bad_auc_bins_is_a_config_error(cache_dir, tmp_path):
     with pytest.raises(ConfigError, match=r"evaluation\.auc_bins"):
         train_and_evaluate(compose(tiny(cache_dir, "evaluation.auc_bins=1")), tmp_path)
+
+
+def test_gpu_trainer_composes_and_without_cuda_the_data_stay_on_the_cpu(ml100k_root):
+    from moe_mlora.data.device import place_on_gpu, split_bytes
+    from moe_mlora.data.movielens import prepare_movielens
+
+    cfg = compose(["trainer=gpu", "trainer.precision=bf16-mixed"])
+    assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "bf16-mixed"
+    data = prepare_movielens(ml100k_root, "gender")
+    assert split_bytes(data) > 0
+    if not torch.cuda.is_available():
+        assert not place_on_gpu(data, "gpu", 1)
+    assert not place_on_gpu(data, "cpu", 1)
+    assert not place_on_gpu(data, "gpu", 2)  # DDP: each rank copies its own batches
+    assert data.splits["train"].sparse.device.type == "cpu"

@@ -219,10 +219,12 @@ class MultiDomainDataModule(L.LightningDataModule):
         return SplitBatches(split, self.batch_size, shuffle=True, seed=self.shuffle_seed)
 
     def val_dataloader(self) -> SplitBatches:
-        return SplitBatches(self.processed.splits["val"], self.eval_batch_size)
+        """Validation batches; under DDP each process a disjoint range of the rows."""
+        return SplitBatches(self.processed.splits["val"], self.eval_batch_size, shard="rows")
 
     def test_dataloader(self) -> SplitBatches:
-        return SplitBatches(self.processed.splits["test"], self.eval_batch_size)
+        """Test batches; under DDP each process a disjoint range of the rows."""
+        return SplitBatches(self.processed.splits["test"], self.eval_batch_size, shard="rows")
 
     def expert_train_batches(
         self, assignment: Sequence[Sequence[int]], active: Sequence[int] | None = None

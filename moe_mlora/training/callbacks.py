@@ -2,6 +2,11 @@
 
 Best weights are kept in memory (the models are small) and restored when the
 phase ends, so every phase hands the next one its best, not its last, state.
+
+Under DDP every rank runs these callbacks on its own copy. The values they monitor come
+from metrics gathered across the processes (``DomainAUC``, phase 2's per-expert rows), so
+every rank takes the same stopping decisions, and its snapshots equal the other ranks'
+(DDP keeps the weights identical): each rank restores the same best weights.
 """
 
 from __future__ import annotations

@@ -10,6 +10,9 @@ old one, so a kill never leaves a half-written file):
   early-stopping state, the batches' epoch counters and the random-number state.
 
 Each file carries the run's config fingerprint; a resume with another config is refused.
+Under DDP only global rank 0 writes (the weights are the same on every rank), and every
+rank reads the same files when it resumes, so the run folder must be on a filesystem all
+processes see.
 Resuming from ``phase{k}-last.ckpt`` replays nothing: the next epoch draws the same
 shuffles and dropout masks as it would have, so on CPU the final metrics equal an
 uninterrupted run's.
@@ -26,6 +29,8 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+
+from moe_mlora.distributed import all_gather_object, barrier, is_global_zero, process_slot
 
 log = logging.getLogger("moe_mlora")
 
@@ -49,6 +54,24 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
+
+
+def rng_record() -> dict[str, Any]:
+    """The random state for a checkpoint: rank 0's as ``rng``, every rank's as ``rng_per_rank``.
+
+    Under DDP the ranks' generators drift apart (a shard one row longer draws more dropout
+    numbers), so each rank must get its own state back for a resumed run to equal an
+    uninterrupted one. Every rank must call this (it gathers).
+    """
+    states = all_gather_object(rng_state())
+    return {"rng": states[0], "rng_per_rank": states}
+
+
+def restore_rng(record: dict[str, Any]) -> None:
+    """Set this rank's random state from a :func:`rng_record` (or an older, single-state one)."""
+    rank, world = process_slot()
+    states = record.get("rng_per_rank")
+    set_rng_state(states[rank] if states and len(states) == world else record["rng"])
 
 
 def save_atomically(payload: dict, path: Path) -> None:
@@ -91,19 +114,28 @@ class RunCheckpoints:
         if found != self.fingerprint:
             raise CheckpointError(
                 f"{path} belongs to another config (fingerprint {found}, this run's is "
-                f"{self.fingerprint}); resume with the overrides the run was started with"
+                f"{self.fingerprint}); resume with the overrides the run was started with, or "
+                f"delete {self.folder} (rerun=true in a sweep) to start afresh"
             )
         return payload
 
     def save_phase(self, index: int, report: dict, model: torch.nn.Module) -> None:
-        payload = {
-            "config_fingerprint": self.fingerprint,
-            "report": report,
-            "model": model.state_dict(),
-            "rng": rng_state(),
-        }
-        save_atomically(payload, self.phase_file(index))
-        self.epoch_file(index).unlink(missing_ok=True)
+        """Record that phase ``index`` ended; on global rank 0 only, the others wait for it.
+
+        The barrier keeps the other ranks from starting the next phase (and from checking
+        its files) while rank 0 is still writing this one's.
+        """
+        rng = rng_record()
+        if is_global_zero():
+            payload = {
+                "config_fingerprint": self.fingerprint,
+                "report": report,
+                "model": model.state_dict(),
+                **rng,
+            }
+            save_atomically(payload, self.phase_file(index))
+            self.epoch_file(index).unlink(missing_ok=True)
+        barrier()
 
     def finished_phase(self, index: int) -> dict | None:
         """Phase ``index``'s end record, if it ended in an earlier attempt."""
@@ -122,7 +154,12 @@ class RunCheckpoints:
         return path
 
     def clear(self) -> None:
-        """Remove the checkpoints once the run is complete (results.json and model.pt remain)."""
+        """Remove the checkpoints once the run is complete (results.json and model.pt remain).
+
+        Global rank 0 only: under DDP the other ranks never wrote them.
+        """
+        if not is_global_zero():
+            return
         for path in self.folder.glob("*"):
             path.unlink()
         if self.folder.is_dir():
@@ -156,7 +193,7 @@ class EpochCheckpoint(L.Callback):
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         checkpoint["moe_mlora"] = {
             "config_fingerprint": self.fingerprint,
-            "rng": rng_state(),
+            **rng_record(),  # called on every rank: Lightning dumps the checkpoint on all
             "batches_epoch": self.train_batches.epoch,
             "active": sorted(getattr(self.train_batches, "active", [])),
         }
@@ -166,4 +203,4 @@ class EpochCheckpoint(L.Callback):
         self.train_batches.epoch = state["batches_epoch"]
         if hasattr(self.train_batches, "active"):
             self.train_batches.active = set(state["active"])
-        set_rng_state(state["rng"])
+        restore_rng(state)

@@ -13,6 +13,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from moe_mlora.distributed import all_reduce_sum, gather_rows
 from moe_mlora.metrics import DomainAUC, grouped_auc, weighted_auc
 
 
@@ -64,6 +65,44 @@ def expert_mean_bce(
     per_row = F.binary_cross_entropy_with_logits(logits, label, reduction="none")
     rows_per_expert = torch.bincount(expert)
     return (per_row / rows_per_expert[expert]).sum()
+
+
+def sharded_expert_mean_bce(
+    logits: torch.Tensor,
+    label: torch.Tensor,
+    expert: torch.Tensor,
+    global_rows: torch.Tensor,
+    world_size: torch.Tensor | int,
+) -> torch.Tensor:
+    """:func:`expert_mean_bce` for one DDP process's part of the global batch.
+
+    An expert's rows are spread unevenly over the processes. Dividing by the expert's rows
+    in the *global* batch (``global_rows``, per expert) and multiplying by ``world_size``
+    makes DDP's average of the processes' gradients exactly the single-process gradient of
+    each expert's mean.
+    """
+    per_row = F.binary_cross_entropy_with_logits(logits, label, reduction="none")
+    return (per_row / global_rows[expert]).sum() * world_size
+
+
+def batch_mean_bce(logits: torch.Tensor, label: torch.Tensor, batch: dict) -> torch.Tensor:
+    """The mean BCE of the batch; under DDP, this shard's part of the global batch's mean.
+
+    A sharded batch (see :mod:`moe_mlora.data.batches`) carries its global batch's rows:
+    ``sum / global_rows * world_size`` averaged by DDP over the processes is the global
+    mean whatever the shards' sizes.
+    """
+    if "global_rows" not in batch:
+        return F.binary_cross_entropy_with_logits(logits, label)
+    total = F.binary_cross_entropy_with_logits(logits, label, reduction="sum")
+    return total / batch["global_rows"] * batch["world_size"]
+
+
+def experts_in_global_batch(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The experts with rows in the batch; under DDP, in the global batch (same on every rank)."""
+    if "global_rows" in batch:
+        return torch.nonzero(batch["global_rows"], as_tuple=True)[0]
+    return torch.unique(batch["expert"])
 
 
 def adapter_auxiliary_loss(model: torch.nn.Module) -> tuple[float, torch.Tensor | None]:
@@ -118,10 +157,10 @@ class CTRModule(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         logits = self(batch)
         if self.phase.kind == "experts":
-            self._experts_in_batch = torch.unique(batch["expert"])
-            loss = expert_mean_bce(logits, batch["label"], batch["expert"])
+            self._experts_in_batch = experts_in_global_batch(batch)
+            loss = self._experts_loss(logits, batch)
         else:
-            loss = F.binary_cross_entropy_with_logits(logits, batch["label"])
+            loss = batch_mean_bce(logits, batch["label"], batch)
         if self.phase.kind == "gate":
             loss = loss + self._gate_auxiliary_loss(len(batch["label"]))
         if not torch.isfinite(loss):
@@ -136,8 +175,18 @@ class CTRModule(L.LightningModule):
             on_epoch=True,
             prog_bar=True,
             batch_size=len(batch["label"]),
+            sync_dist=True,  # under DDP, the mean of the processes' shards; else a no-op
         )
         return loss
+
+    @staticmethod
+    def _experts_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Phase 2's loss: per-expert means, of the global batch under DDP."""
+        if "global_rows" not in batch:
+            return expert_mean_bce(logits, batch["label"], batch["expert"])
+        return sharded_expert_mean_bce(
+            logits, batch["label"], batch["expert"], batch["global_rows"], batch["world_size"]
+        )
 
     def _gate_auxiliary_loss(self, batch_size: int) -> torch.Tensor | float:
         """``weight * balance loss`` while the gate trains (phase 3), logged unweighted.
@@ -154,11 +203,16 @@ class CTRModule(L.LightningModule):
             on_step=False,
             on_epoch=True,
             batch_size=batch_size,
+            sync_dist=True,
         )
         return weight * auxiliary
 
     def on_after_backward(self) -> None:
-        """Leave absent experts' grads None so Adam skips them, as if trained alone."""
+        """Leave absent experts' grads None so Adam skips them, as if trained alone.
+
+        Under DDP "absent" means absent from the global batch, the same on every process
+        (an expert absent from this shard but present in another's has an averaged grad).
+        """
         if self.phase.kind != "experts" or self._experts_in_batch is None:
             return
         present = set(self._experts_in_batch.tolist())
@@ -187,8 +241,13 @@ class CTRModule(L.LightningModule):
         self._log_summary(prefix, result)
 
     def _finish_expert_validation(self, prefix: str) -> None:
-        """Each expert's WAUC over the domains it serves, backbone + that expert only."""
+        """Each expert's WAUC over the domains it serves, backbone + that expert only.
+
+        Under DDP the rows of every process are gathered first, so every process computes
+        the same (single-process) AUCs and per-expert early stopping decides alike.
+        """
         probs, label, group = (torch.cat(parts) for parts in zip(*self._expert_val, strict=True))
+        probs, label, group = gather_rows(probs, label, group)
         self._expert_val.clear()
         num_experts = len(self.phase.assignment)
         auc, count = grouped_auc(probs, label, group, num_experts * self.num_domains)
@@ -220,8 +279,9 @@ class CTRModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         result = self.test_metric.compute()
-        if self._gate_sum is not None:
-            result["gate_weights"] = self._gate_sum / self._gate_rows.clamp(min=1)[:, None]
+        if self._gate_sum is not None:  # summed over the processes' shards under DDP
+            gate_sum, gate_rows = all_reduce_sum(self._gate_sum), all_reduce_sum(self._gate_rows)
+            result["gate_weights"] = gate_sum / gate_rows.clamp(min=1)[:, None]
         self.test_result = result
         self._log_summary("test", result)
 

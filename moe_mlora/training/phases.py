@@ -5,6 +5,10 @@ frozen, each expert specialised on its assigned domains with the gate off;
 (3) backbone and experts frozen, the gate trained on all domains with the full
 mixture. Each phase gets a fresh Trainer and optimizer, early stopping on
 validation WAUC, and ends with its best weights restored.
+
+Under DDP (``trainer=ddp``) every process runs the same schedule: each phase's Trainer
+wraps the module anew (so DDP sees that phase's trainable parameters) and the batches
+shard themselves (:mod:`moe_mlora.data.batches`).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from moe_mlora.training.callbacks import (
     ExpertRecord,
     TrainThroughput,
 )
-from moe_mlora.training.checkpoints import EpochCheckpoint, RunCheckpoints, set_rng_state
+from moe_mlora.training.checkpoints import EpochCheckpoint, RunCheckpoints, restore_rng
 from moe_mlora.training.module import CTRModule, Phase
 
 log = logging.getLogger("moe_mlora")
@@ -187,7 +191,7 @@ class Schedule:
     def _continue_after(self, record: dict) -> None:
         """Load an ended phase's weights and random state, as if it had just ended here."""
         self.model.load_state_dict(record["model"])
-        set_rng_state(record["rng"])
+        restore_rng(record)
         log.info("resumed after phase %s (%s)", record["report"]["index"], record["report"]["kind"])
 
     def backbone_phase(self) -> PhaseReport:
