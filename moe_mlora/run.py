@@ -554,5 +554,10 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    # Run the importable module's main, not this __main__ copy: launchers that ship the task
+    # function to worker processes (joblib's loky) then pickle it by reference, not by value
+    # with every global it reaches (some of which, from torch.distributed, cannot be pickled).
+    from moe_mlora.run import main as importable_main
+
     check_conf_dir()
-    main()
+    importable_main()

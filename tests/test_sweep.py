@@ -252,3 +252,15 @@ def test_wandb_tags_are_the_overrides_within_the_length_limit(monkeypatch):
     monkeypatch.setattr("moe_mlora.run.task_overrides", lambda: ["model=dcn", long_value])
     tags = wandb_tags(compose(["logger.wandb.tags=[paper]"]))
     assert tags == ["paper", "model=dcn", long_value[:64]]
+
+
+@pytest.mark.slow
+def test_parallel_launcher_runs_jobs_in_processes_with_a_share_of_the_threads(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    args = tiny_sweep(tmp_path / "cache", sweep_dir, "experts=2,3", "hydra/launcher=parallel")
+    result = run_sweep(*args, cwd=tmp_path)
+    assert "2 completed" in result.stdout
+    share = max(1, (os.cpu_count() or 1) // 2)  # parallel.yaml: n_jobs 2
+    for folder in sweep_status(sweep_dir)["completed"]:
+        assert f"torch threads: {share}" in (folder / "run.log").read_text()
+        assert len(list((folder / "wandb").glob("offline-run-*"))) == 1
