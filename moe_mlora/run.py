@@ -34,6 +34,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
+from moe_mlora.allocator import configure_allocator
 from moe_mlora.config import CONF_DIR, check_conf_dir, register_resolvers
 from moe_mlora.data.device import place_on_gpu
 from moe_mlora.data.processed import DataError
@@ -477,6 +478,7 @@ def train_and_evaluate(cfg: DictConfig, output_dir: Path) -> dict:
             # Lightning's DDP launcher sets cores // processes threads unless this is set.
             os.environ["OMP_NUM_THREADS"] = str(threads)
     log.info("torch threads: %d", torch.get_num_threads())
+    configure_allocator(str(cfg.get("allocator", "tuned")))
     L.seed_everything(int(cfg.seed), verbose=False)
     datamodule = instantiate(
         cfg.data, shuffle_seed=int(cfg.seed), cache_dir=cfg.paths.cache_dir, progress=cfg.progress

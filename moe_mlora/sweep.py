@@ -37,7 +37,16 @@ log = logging.getLogger("moe_mlora")
 
 # Keys that change how a run is shown or where it caches, not what it computes: a finished job
 # run with other values of these is still the same job.
-PRESENTATION_KEYS = ("progress", "threads", "rerun", "resume", "checkpoint", "logger", "paths")
+PRESENTATION_KEYS = (
+    "progress",
+    "threads",
+    "allocator",
+    "rerun",
+    "resume",
+    "checkpoint",
+    "logger",
+    "paths",
+)
 MAX_DIRNAME = 120
 
 

@@ -22,6 +22,7 @@ from moe_mlora.models.layers import (
     CIN,
     BiInteractionPooling,
     BilinearInteraction,
+    CINMap,
     CrossNet,
     InnerProduct,
     InteractingLayer,
@@ -242,8 +243,8 @@ def test_cross_net_layers_follow_the_recursion(parameterization: str) -> None:
 def test_cin_by_hand() -> None:
     cin = CIN(2, layer_sizes=(1,), activation="linear", split_half=False)
     with torch.no_grad():
-        cin.convs[0].weight.copy_(torch.tensor([1.0, 2.0, 3.0, 4.0]).view(1, 4, 1))
-        cin.convs[0].bias.fill_(0.5)
+        cin.maps[0].weight.copy_(torch.tensor([1.0, 2.0, 3.0, 4.0]).view(4, 1))  # [in, out]
+        cin.maps[0].bias.fill_(0.5)
     emb = torch.tensor([[[1.0, 2.0], [3.0, 4.0]]])
     # products e_m * e_h, channel m * 2 + h: [1, 4], [3, 8], [3, 8], [9, 16]
     # map = 1*[1, 4] + 2*[3, 8] + 3*[3, 8] + 4*[9, 16] + 0.5 = [52.5, 108.5]; summed over dim
@@ -258,8 +259,8 @@ def test_cin_matches_a_loop_over_feature_maps(split_half: bool) -> None:
     cin = CIN(3, sizes, activation="relu", split_half=split_half)
     assert cin.output_dim == (2 + 3 + 3 if split_half else 13)
     hidden, outputs = emb, []
-    for i, conv in enumerate(cin.convs):
-        w, b = conv.weight.squeeze(-1), conv.bias
+    for i, layer in enumerate(cin.maps):
+        w, b = layer.weight.T, layer.bias  # [out, in]
         maps = []
         for s in range(w.shape[0]):
             terms = [
@@ -275,6 +276,19 @@ def test_cin_matches_a_loop_over_feature_maps(split_half: bool) -> None:
             hidden = direct = maps
         outputs.append(direct.sum(-1))
     assert torch.allclose(cin(emb), torch.cat(outputs, 1), atol=1e-5)
+
+
+def test_cin_map_is_initialised_as_deepctr_conv1d() -> None:
+    torch.manual_seed(7)
+    conv = torch.nn.Conv1d(12, 5, kernel_size=1)
+    torch.manual_seed(7)
+    layer = CINMap(12, 5)
+    assert layer.weight.shape == (12, 5)  # stored [in, out]
+    assert torch.equal(layer.weight.T, conv.weight.squeeze(-1))
+    assert torch.equal(layer.bias, conv.bias)
+    products = torch.randn(7, 12)
+    expected = conv(products.unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(layer(products), expected, atol=1e-6)
 
 
 def test_senet_reweights_each_field() -> None:

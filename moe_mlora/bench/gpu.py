@@ -75,8 +75,8 @@ def main(argv: list[str]) -> None:
         f"DeepFM on generated Taobao-20 ({args.clicks:,} clicks), {device_name(args.accelerator)},"
         f" precision {args.precision}, {args.max_epochs} epochs per phase",
         "",
-        "| method | batch | phase | training samples/s |",
-        "|---|---|---|---|",
+        "| method | batch | phase | training samples/s | phase wall s | test WAUC |",
+        "|---|---|---|---|---|---|",
     ]
     with tempfile.TemporaryDirectory() as scratch:
         for method, experts in CONFIGS:
@@ -86,10 +86,12 @@ def main(argv: list[str]) -> None:
                 train_and_evaluate(cfg, run_dir)
                 results = json.loads((run_dir / "results.json").read_text())
                 name = f"{method} E={experts}" if experts else method
+                wauc = results["test"]["wauc"]
                 for phase in results["phases"]:
                     lines.append(
                         f"| {name} | {batch} | {phase['index']} {phase['kind']} "
-                        f"| {phase['train_samples_per_s']:,.0f} |"
+                        f"| {phase['train_samples_per_s']:,.0f} | {phase['wall_time_s']:.1f} "
+                        f"| {wauc:.4f} |"
                     )
     table = "\n".join(lines)
     print(table)

@@ -102,7 +102,12 @@ FAIRNESS_NOTES = f"""\
   waits per sample trained; the slowest single phase is shown as well. Its target is >= 1.0x
   DeepCTR's *base* model of the same backbone.
 - **Threads.** `torch.set_num_threads(threads)` for both sides, in one process, runs
-  interleaved per seed (theirs, then ours) so machine noise hits both alike."""
+  interleaved per seed (theirs, then ours) so machine noise hits both alike.
+- **Allocator.** moe_mlora tunes glibc's malloc when it trains (`allocator=tuned`, see
+  `moe_mlora/allocator.py`: big per-step temporaries stay in the heap instead of fresh
+  page-faulted mmaps). The setting is process-wide, so the benchmark applies `--allocator`
+  once, before the first run, and both libraries train under it: the speed ratio compares the
+  code, not the allocator. `--allocator default` runs both with glibc's defaults."""
 
 
 # ----------------------------------------------------------------- records
@@ -384,6 +389,7 @@ def render_markdown(
         f"- Data: `{args.root}` (gender split), seeds {' '.join(map(str, args.seeds))}, "
         f"max epochs {args.max_epochs}.",
         f"- Machine: {machine}.",
+        f"- Allocator: `{args.allocator}` for both libraries (set once, before the first run).",
         f"- Targets: our 3-seed mean test AUC >= DeepCTR's - {AUC_TOLERANCE}; our training "
         f"samples/s >= {SPEED_TARGET}x DeepCTR's; our MoE-MLoRA (E = {args.experts}) >= "
         f"{MOE_SPEED_TARGET}x DeepCTR's base.",
@@ -545,6 +551,7 @@ def run_ours(
     max_epochs: int,
     output: Path,
     experts: int | None = None,
+    allocator: str = "tuned",
 ) -> RunRecord:
     from moe_mlora.config import compose
     from moe_mlora.run import train_and_evaluate
@@ -557,6 +564,7 @@ def run_ours(
         f"method={method}",
         f"seed={seed}",
         f"threads={threads}",
+        f"allocator={allocator}",
         f"trainer.max_epochs={max_epochs}",
         "logger.wandb.enabled=false",
         "progress=false",
@@ -627,6 +635,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="backbones for the MoE-MLoRA speed line (default deepfm; none to skip)",
     )
     parser.add_argument(
+        "--allocator",
+        choices=["tuned", "default"],
+        default="tuned",
+        help="glibc malloc setting for the whole process, both libraries (default tuned)",
+    )
+    parser.add_argument(
         "--output", type=Path, default=DEFAULT_OUTPUT, help=f"markdown (default {DEFAULT_OUTPUT})"
     )
     parser.add_argument(
@@ -643,6 +657,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"moe_mlora.bench parity: MovieLens folder {args.root} not found")
     command = shlex.join(["python", "-m", "moe_mlora.bench", "parity", *argv])
     torch.set_num_threads(args.threads)
+    from moe_mlora.allocator import configure_allocator
+
+    configure_allocator(args.allocator)  # before any run: both libraries train under it
 
     from moe_mlora.data.movielens import prepare_movielens
     from moe_mlora.run import quiet_lightning
@@ -686,7 +703,14 @@ def main(argv: list[str] | None = None) -> None:
                     else:
                         folder = runs_dir / f"{name}-{library}-s{seed}"
                         record = run_ours(
-                            name, args.root, seed, args.threads, args.max_epochs, folder, experts
+                            name,
+                            args.root,
+                            seed,
+                            args.threads,
+                            args.max_epochs,
+                            folder,
+                            experts,
+                            args.allocator,
                         )
                     records.append(record)
                     print(

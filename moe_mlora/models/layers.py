@@ -10,6 +10,7 @@ tensors built once in ``__init__``: no Python loop over pairs or samples.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -263,21 +264,47 @@ _ACTIVATIONS = {
 }
 
 
+class CINMap(nn.Module):
+    """One CIN layer's 1x1 "convolution": ``products [N, in] -> [N, out]``.
+
+    The weight is stored input-major, ``[in, out]``, so that the forward
+    product and, above all, the weight gradient (``products^T @ grad``) run as
+    the GEMM orientations MKL is fast at on CPU; stored ``[out, in]`` (as
+    ``nn.Linear`` / ``nn.Conv1d``) the weight gradient of the first layer
+    (``in = F * F``, a handful of columns) was 5x slower. Initialised exactly
+    as the ``nn.Conv1d(in, out, 1)`` of DeepCTR-Torch (and consuming the random
+    stream in the same order).
+    """
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        as_conv = torch.empty(out_features, in_features)
+        nn.init.kaiming_uniform_(as_conv, a=math.sqrt(5))
+        bound = 1 / math.sqrt(in_features)
+        self.weight = nn.Parameter(as_conv.t().contiguous())
+        self.bias = nn.Parameter(torch.empty(out_features).uniform_(-bound, bound))
+
+    def forward(self, products: Tensor) -> Tensor:
+        return torch.addmm(self.bias, products, self.weight)
+
+
 class CIN(nn.Module):
     """xDeepFM's Compressed Interaction Network over ``[B, F, dim]`` -> ``[B, output_dim]``.
 
     Layer ``k`` maps the previous hidden maps ``X^{k-1} [H, dim]`` and the
     embeddings ``X^0 [F, dim]`` to ``S_k`` maps:
     ``X^k_s = act(sum_{m,h} W^k_{s,mh} (X^0_m * X^{k-1}_h) + b^k_s)``,
-    a 1x1 convolution over the ``F * H`` outer products with ``dim`` as the
-    length axis (``nn.Conv1d``, as DeepCTR-Torch; oneDNN's convolution beat a
-    Linear over the transposed layout on CPU). The products are laid out
-    field-major (channel ``m * H + h``; DeepCTR-Torch uses ``h * F + m``, a
-    mere permutation of the i.i.d. initial weights), so the broadcast multiply
-    reads two contiguous tensors. With ``split_half``, every layer but the
-    last sends its first half of maps on to the next layer and its second half
-    to the output. The output is each output map summed over ``dim``,
-    concatenated: ``sum(layer_sizes[:-1]) // 2 + layer_sizes[-1]`` values
+    the 1x1 convolution over the ``F * H`` outer products of DeepCTR-Torch
+    with ``dim`` as the length axis. It is computed channel-last: one row per
+    (sample, embedding position), so each layer is a single ``[B * dim, F * H]
+    @ [F * H, S]`` matrix product (:class:`CINMap`) with no layout conversion,
+    about a third faster per training step on CPU than ``nn.Conv1d``. The
+    products are laid out field-major (column ``m * H + h``; DeepCTR-Torch
+    uses ``h * F + m``, a mere permutation of the i.i.d. initial weights).
+    With ``split_half``, every layer but the last sends its first half of maps
+    on to the next layer and its second half to the output. The output is
+    each output map summed over ``dim``, concatenated:
+    ``sum(layer_sizes[:-1]) // 2 + layer_sizes[-1]`` values
     (``sum(layer_sizes)`` without split_half).
     """
 
@@ -303,31 +330,33 @@ class CIN(nn.Module):
                 "with cin_split_half every cin_layer_size but the last must be even, "
                 f"got {list(layer_sizes)}"
             )
+        self.num_fields = num_fields
         self.activation = activation
         self.split_half = split_half
-        self.convs = nn.ModuleList()
+        self.maps = nn.ModuleList()
         self.output_dim = 0
         hidden = num_fields
         for i, size in enumerate(layer_sizes):
-            self.convs.append(nn.Conv1d(num_fields * hidden, size, kernel_size=1))
+            self.maps.append(CINMap(num_fields * hidden, size))
             half = split_half and i < last
             hidden = size // 2 if half else size
             self.output_dim += size // 2 if half else size
 
     def forward(self, embeddings: Tensor) -> Tensor:
         """``[B, F, dim]`` -> ``[B, output_dim]``."""
-        x0 = hidden = embeddings
+        dim = embeddings.shape[2]
+        x0 = hidden = embeddings.transpose(1, 2).reshape(-1, self.num_fields)  # [B * dim, F]
         act = _ACTIVATIONS[self.activation]
-        last = len(self.convs) - 1
+        last = len(self.maps) - 1
         outputs = []
-        for i, conv in enumerate(self.convs):
-            products = (x0.unsqueeze(2) * hidden.unsqueeze(1)).flatten(1, 2)  # [B, F * H, dim]
-            maps = act(conv(products))  # [B, S, dim]
+        for i, layer in enumerate(self.maps):
+            products = (x0.unsqueeze(2) * hidden.unsqueeze(1)).flatten(1)  # [B * dim, F * H]
+            maps = act(layer(products))  # [B * dim, S]
             if self.split_half and i < last:
                 hidden, direct = maps.split(maps.shape[1] // 2, dim=1)
             else:
                 hidden = direct = maps
-            outputs.append(direct.sum(dim=-1))
+            outputs.append(direct.reshape(-1, dim, direct.shape[1]).sum(dim=1))
         return torch.cat(outputs, dim=1)
 
 
