@@ -286,9 +286,46 @@ def test_cin_map_is_initialised_as_deepctr_conv1d() -> None:
     assert layer.weight.shape == (12, 5)  # stored [in, out]
     assert torch.equal(layer.weight.T, conv.weight.squeeze(-1))
     assert torch.equal(layer.bias, conv.bias)
-    products = torch.randn(7, 12)
+    x0, hidden = torch.randn(7, 3), torch.randn(7, 4)
+    products = (x0.unsqueeze(2) * hidden.unsqueeze(1)).flatten(1)  # column m * 4 + h
     expected = conv(products.unsqueeze(-1)).squeeze(-1)
-    assert torch.allclose(layer(products), expected, atol=1e-6)
+    assert torch.allclose(layer(x0, hidden), expected, atol=1e-6)
+    with torch.no_grad():  # the inference path (no custom autograd function)
+        assert torch.allclose(layer(x0, hidden), expected, atol=1e-6)
+    assert torch.allclose(layer(x0, hidden, slice(2, None)), expected[:, 2:], atol=1e-6)
+
+
+def test_cin_map_backward_matches_autograd() -> None:
+    """The hand-written backward of the products + matmul, checked numerically in float64."""
+    torch.manual_seed(3)
+    layer = CINMap(12, 5).double()
+    x0 = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    hidden = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: layer(a, b, slice(1, 4)), (x0, hidden))
+    out = layer(x0, hidden).square().sum()
+    grads = torch.autograd.grad(out, [x0, hidden, layer.weight, layer.bias])
+    products = (x0.unsqueeze(2) * hidden.unsqueeze(1)).flatten(1)
+    plain = torch.addmm(layer.bias, products, layer.weight).square().sum()
+    expected = torch.autograd.grad(plain, [x0, hidden, layer.weight, layer.bias])
+    for got, want in zip(grads, expected, strict=True):
+        assert torch.allclose(got, want)
+
+
+def test_cin_map_trains_under_bf16_autocast() -> None:
+    torch.manual_seed(4)
+    layer = CINMap(12, 5)
+    x0 = torch.randn(6, 3, requires_grad=True)
+    hidden = torch.randn(6, 4, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x0, hidden)
+    out.float().square().sum().backward()
+    assert out.dtype == torch.bfloat16
+    assert x0.grad.dtype == layer.weight.grad.dtype == torch.float32
+    reference = CINMap(12, 5)
+    reference.load_state_dict(layer.state_dict())
+    x0_ref = x0.detach().clone().requires_grad_()
+    reference(x0_ref, hidden.detach()).square().sum().backward()
+    assert torch.allclose(x0.grad, x0_ref.grad, rtol=0.05, atol=0.05)
 
 
 def test_senet_reweights_each_field() -> None:

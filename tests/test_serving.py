@@ -291,3 +291,31 @@ def test_export_with_extra_fields_takes_sparse_and_domain(tmp_path):
 def test_export_rejects_an_unknown_format(trained, tmp_path):
     with pytest.raises(ServingError, match="format must be one of torchscript, onnx"):
         export_model(trained.run_dir, "tflite", tmp_path / "m")
+
+
+@pytest.mark.parametrize("format", ["torchscript", "onnx"])
+def test_xdeepfm_exports_its_cin_and_matches(tmp_path, format):
+    """xDeepFM's CIN trains through a custom autograd function; export takes the plain path."""
+    if format == "onnx":
+        ort = pytest.importorskip("onnxruntime")
+        pytest.importorskip("onnxscript")
+    fields = [FieldSpec("user", 30), FieldSpec("item", 20)]
+    model = build_model("xdeepfm", fields, 2, AdapterConfig(kind="mlora"), hidden_units=[8])
+    vocab = {"user": ["<oov>", *map(str, range(29))], "item": ["<oov>", *map(str, range(19))]}
+    processed = ProcessedData(fields, ["a", "b"], {}, vocab)
+    cfg = {"model": {"name": "xdeepfm", "hidden_units": [8]}, "data": {"name": "made-up"}}
+    save_model(tmp_path / "model.pt", model, cfg, processed)
+    path = export_model(tmp_path, format, tmp_path / f"model.{format}")
+    generator = torch.Generator().manual_seed(0)
+    user = torch.randint(0, 30, (37,), generator=generator)
+    item = torch.randint(0, 20, (37,), generator=generator)
+    domain = torch.randint(0, 2, (37,), generator=generator)
+    if format == "torchscript":
+        with torch.no_grad():
+            got = torch.jit.load(str(path))(user, item, domain).numpy()
+    else:
+        session = ort.InferenceSession(str(path))
+        feeds = {"user": user.numpy(), "item": item.numpy(), "domain": domain.numpy()}
+        (got,) = session.run(None, feeds)
+    expected = score(model, torch.stack([user, item], 1), domain)
+    np.testing.assert_allclose(got, expected, atol=1e-6)
