@@ -478,7 +478,7 @@ def train_and_evaluate(cfg: DictConfig, output_dir: Path) -> dict:
             # Lightning's DDP launcher sets cores // processes threads unless this is set.
             os.environ["OMP_NUM_THREADS"] = str(threads)
     log.info("torch threads: %d", torch.get_num_threads())
-    configure_allocator(str(cfg.get("allocator", "tuned")))
+    configure_allocator(str(cfg.get("allocator", "default")))
     L.seed_everything(int(cfg.seed), verbose=False)
     datamodule = instantiate(
         cfg.data, shuffle_seed=int(cfg.seed), cache_dir=cfg.paths.cache_dir, progress=cfg.progress

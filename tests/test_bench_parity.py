@@ -91,6 +91,13 @@ def test_tables_render():
     assert md.count("\n") == 2 and md.startswith("| backbone |")
 
 
+def test_allocator_is_glibc_default_for_both_unless_asked():
+    assert parity.parse_args([]).allocator == "default"
+    assert parity.parse_args(["--allocator", "tuned"]).allocator == "tuned"
+    with pytest.raises(SystemExit):
+        parity.parse_args(["--allocator", "jemalloc"])
+
+
 def test_missing_deepctr_says_how_to_install(monkeypatch):
     import builtins
 
@@ -138,6 +145,7 @@ def test_parity_end_to_end_on_tiny_movielens(tmp_path, capsys):
     text = output.read_text()
     assert "python -m moe_mlora.bench parity --root" in text
     assert "## How the comparison is made fair" in text
+    assert "- Allocator: `default` for both libraries" in text
     assert "nproc" in text
     rows = [line for line in text.splitlines() if line.startswith("| deepctr ")]
     assert len(rows) == 1
