@@ -2,8 +2,9 @@
 
 DeepFM base and MoE-MLoRA (E = 8) at batch sizes 1024 and 8192 on generated Taobao-20 data
 (``data.generate_if_missing``: made once under the cache folder), each trained for
-``--max-epochs`` epochs per phase with ``trainer=gpu``. Prints training samples/second per
-phase (from each run's results.json) and writes the table to ``--out`` if given::
+``--max-epochs`` epochs per phase with ``trainer=gpu``. Prints training samples/second and
+wall time per phase and the run's test WAUC (from each run's results.json, so fp32 and
+``--precision bf16-mixed`` compare on both) and writes the table to ``--out`` if given::
 
     python -m moe_mlora.bench gpu                                # on a CUDA GPU
     python -m moe_mlora.bench gpu --precision bf16-mixed         # mixed precision
