@@ -478,7 +478,10 @@ def train_and_evaluate(cfg: DictConfig, output_dir: Path) -> dict:
             # Lightning's DDP launcher sets cores // processes threads unless this is set.
             os.environ["OMP_NUM_THREADS"] = str(threads)
     log.info("torch threads: %d", torch.get_num_threads())
-    configure_allocator(str(cfg.get("allocator", "default")))
+    try:
+        configure_allocator(str(cfg.get("allocator", "default")))
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     L.seed_everything(int(cfg.seed), verbose=False)
     datamodule = instantiate(
         cfg.data, shuffle_seed=int(cfg.seed), cache_dir=cfg.paths.cache_dir, progress=cfg.progress

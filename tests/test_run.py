@@ -82,6 +82,7 @@ def test_experts_override_and_fewer_experts_than_domains(cache_dir, tmp_path):
         ("experts=0", "experts must be >= 1"),
         ("method.adapter.lora_reduce=0", "lora_reduce"),
         ("method.adapter.lora_rank=0", "lora_rank"),
+        ("allocator=jemalloc", "allocator must be one of"),
     ],
 )
 def test_bad_numbers_are_config_errors(override, message, cache_dir, tmp_path):
