@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import zipfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -293,7 +294,7 @@ def _rebuild(file: Path, bundle: Mapping[str, Any], fields: list[FieldSpec]) -> 
 
 def _load_weights(file: Path, bundle: Mapping[str, Any], model: CTRModel) -> None:
     """Load the state dict, or say exactly which keys and shapes do not fit."""
-    saved: dict[str, torch.Tensor] = bundle["state_dict"]
+    saved = upgrade_state_dict(bundle["state_dict"])
     expected = model.state_dict()
     problems = _mismatches(saved, expected)
     if problems:
@@ -303,6 +304,29 @@ def _load_weights(file: Path, bundle: Mapping[str, Any], model: CTRModel) -> Non
             f", but its weights do not fit that model: {'; '.join(problems)}"
         )
     model.load_state_dict(saved)
+
+
+_OLD_CIN_KEY = re.compile(r"^(.*\bcin)\.convs\.(\d+)\.(weight|bias)$")
+
+
+def upgrade_state_dict(saved: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename weights saved by earlier versions to the current layout.
+
+    Before 2026-11-24 xDeepFM's CIN held ``nn.Conv1d`` layers (``cin.convs.k``, weight
+    ``[out, in, 1]``); it now holds :class:`~moe_mlora.models.layers.CINMap` layers
+    (``cin.maps.k``, weight ``[in, out]``) computing the same function.
+    """
+    upgraded = {}
+    for key, value in saved.items():
+        match = _OLD_CIN_KEY.match(key)
+        if match is None:
+            upgraded[key] = value
+            continue
+        prefix, index, kind = match.groups()
+        if kind == "weight" and value.dim() == 3:
+            value = value.squeeze(-1).t().contiguous()
+        upgraded[f"{prefix}.maps.{index}.{kind}"] = value
+    return upgraded
 
 
 def _mismatches(saved: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> list:

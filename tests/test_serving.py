@@ -319,3 +319,29 @@ def test_xdeepfm_exports_its_cin_and_matches(tmp_path, format):
         (got,) = session.run(None, feeds)
     expected = score(model, torch.stack([user, item], 1), domain)
     np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+def test_xdeepfm_checkpoint_with_the_old_conv1d_cin_still_loads(tmp_path):
+    """model.pt files from before the CIN rewrite hold cin.convs.k (Conv1d [out, in, 1])."""
+    fields = [FieldSpec("user", 30), FieldSpec("item", 20)]
+    model = build_model("xdeepfm", fields, 2, AdapterConfig(kind="mlora"), hidden_units=[8])
+    vocab = {"user": ["<oov>", *map(str, range(29))], "item": ["<oov>", *map(str, range(19))]}
+    processed = ProcessedData(fields, ["a", "b"], {}, vocab)
+    cfg = {"model": {"name": "xdeepfm", "hidden_units": [8]}, "data": {"name": "made-up"}}
+    path = save_model(tmp_path / "model.pt", model, cfg, processed)
+    bundle = torch.load(path, weights_only=True)
+    old_layout = {}
+    for key, value in bundle["state_dict"].items():
+        if ".maps." in key:
+            key = key.replace(".maps.", ".convs.")
+            value = value.t().unsqueeze(-1) if key.endswith("weight") else value
+        old_layout[key] = value
+    assert "cin.convs.1.weight" in old_layout
+    bundle["state_dict"] = old_layout
+    torch.save(bundle, path)
+    sparse = torch.stack([torch.arange(10) % 30, torch.arange(10) % 20], 1)
+    domain = torch.arange(10) % 2
+    loaded = load_model(path)
+    np.testing.assert_allclose(
+        score(loaded.model, sparse, domain), score(model, sparse, domain), atol=1e-6
+    )
