@@ -57,6 +57,7 @@ from moe_mlora.sweep import (
 from moe_mlora.training.checkpoints import CHECKPOINT_DIR, CheckpointError, RunCheckpoints
 from moe_mlora.training.module import CTRModule, Phase
 from moe_mlora.training.phases import PhaseReport, Schedule, metrics_to_json
+from moe_mlora.training.schedules import ScheduleError, ScheduleSpec
 
 log = logging.getLogger("moe_mlora")
 
@@ -82,10 +83,26 @@ def quiet_lightning() -> None:
 RENAMED_ADAPTER_KEYS = {"gate_input": "gate.input", "gate_embedding_dim": "gate.embedding_dim"}
 
 
+def schedule_spec(cfg: DictConfig) -> ScheduleSpec:
+    """``method.schedule`` (a ``conf/method/schedule/`` file, or a block) as a checked spec."""
+    if cfg.method.get("schedule") is None:
+        raise ConfigError(
+            f"method={cfg.method.name} has no schedule; add `defaults: [schedule: ...]` to its "
+            "YAML or pick one with method/schedule=<name>"
+        )
+    try:
+        spec = ScheduleSpec.from_mapping(OmegaConf.to_container(cfg.method.schedule, resolve=True))
+        spec.check_adapter(str(cfg.method.adapter.kind), str(cfg.method.name))
+    except (ScheduleError, TypeError) as error:
+        raise ConfigError(f"method.schedule: {error}") from error
+    return spec
+
+
 def adapter_config(cfg: DictConfig, num_domains: int) -> AdapterConfig:
     """``method.adapter`` (with its ``gate`` block) and ``experts`` as an AdapterConfig.
 
-    Bad values become ConfigErrors naming the key (``method.adapter.gate.top_k``...).
+    Bad values become ConfigErrors naming the key (``method.adapter.gate.top_k``...). A
+    schedule that starts the gate at the own-expert routing gets an anchored gate.
     """
     spec = OmegaConf.to_container(cfg.method.adapter, resolve=True)
     for old, new in RENAMED_ADAPTER_KEYS.items():
@@ -93,6 +110,8 @@ def adapter_config(cfg: DictConfig, num_domains: int) -> AdapterConfig:
             raise ConfigError(f"method.adapter.{old} is now method.adapter.{new}; rename it")
     if spec.get("kind") == "moe":
         spec["experts"] = expert_count(cfg, num_domains)
+        if any("gate_own_experts" in phase.init for phase in schedule_spec(cfg).phases):
+            spec.setdefault("gate", {})["anchored"] = True
     else:
         for key in ("experts", "experts_per_domain"):
             if cfg.get(key) is not None:
@@ -300,7 +319,7 @@ def trainer_factory(cfg: DictConfig, loggers: list[Logger]):
 
     def make_trainer(phase: Phase, callbacks: list[L.Callback], reload: bool) -> L.Trainer:
         if "strategy" in options:  # a fresh strategy object per Trainer: they hold state
-            unused = phase.kind == "experts" or cfg.method.adapter.kind == "mlora"
+            unused = phase.per_expert or phase.spec.routing == "domain"
             options["strategy"] = trainer_strategy(cfg.trainer.strategy, unused)
         return L.Trainer(
             **options,
@@ -338,6 +357,7 @@ def build_results(cfg, module, datamodule, reports, test, wall_time, output_dir)
             "output_dir": str(output_dir),
             "experts": module.model.num_experts if cfg.method.adapter.kind == "moe" else None,
         },
+        "schedule": schedule_spec(cfg).to_json(),
         "data": datamodule.processed.summary(),
         "parameters": {
             **counts,
@@ -366,14 +386,16 @@ def _json_default(value):
 def summary_table(results: dict, reports: list[PhaseReport]) -> str:
     run = results["run"]
     experts = f" · experts={run['experts']}" if run["experts"] else ""
+    schedule = f" ({run['schedule']} schedule)" if run.get("schedule") else ""
     lines = [
-        f"{run['method']} · {run['model']} · {run['data']}{experts} · seed {run['seed']}",
+        f"{run['method']}{schedule} · {run['model']} · {run['data']}{experts} · seed {run['seed']}",
         f"{'phase':<6}{'trains':<10}{'epochs':>7}{'best val WAUC':>15}{'time':>9}{'samples/s':>12}",
     ]
     for r in reports:
+        kept = "" if r.kept else "  (not kept: the run's best came back)"
         lines.append(
             f"{r.index:<6}{r.kind:<10}{r.epochs:>7}{r.best_val_wauc:>15.4f}"
-            f"{r.wall_time_s:>8.1f}s{r.train_samples_per_s:>12,.0f}"
+            f"{r.wall_time_s:>8.1f}s{r.train_samples_per_s:>12,.0f}{kept}"
         )
     test = results["test"]
     lines.append(
@@ -469,6 +491,7 @@ def train_and_evaluate(cfg: DictConfig, output_dir: Path) -> dict:
     """
     quiet_lightning()
     check_trainer(cfg)
+    schedule_spec(cfg)  # a bad schedule fails before any data is read
     start = time.perf_counter()
     output_dir.mkdir(parents=True, exist_ok=True)
     threads = job_threads(cfg)
@@ -500,12 +523,14 @@ def train_and_evaluate(cfg: DictConfig, output_dir: Path) -> dict:
             module,
             datamodule,
             trainer_factory(cfg, loggers),
+            spec=schedule_spec(cfg),
             patience=cfg.callbacks.early_stopping.patience,
             min_delta=cfg.callbacks.early_stopping.min_delta,
             phase2_mode=cfg.method.get("phase2", "parallel"),
             checkpoints=checkpoints,
+            seed=int(cfg.seed),
         )
-        reports = schedule.run(cfg.method.name)
+        reports = schedule.run()
         test = schedule.test()
         results = build_results(
             cfg, module, datamodule, reports, test, time.perf_counter() - start, output_dir

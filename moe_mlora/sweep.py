@@ -134,6 +134,7 @@ def run_fields(cfg: DictConfig) -> dict[str, Any]:
         "data": cfg.data.name,
         "model": cfg.model.name,
         "method": cfg.method.name,
+        "schedule": (cfg.method.get("schedule") or {}).get("name"),
         "experts": cfg.experts,
         "experts_per_domain": cfg.get("experts_per_domain"),
         "seed": int(cfg.seed),

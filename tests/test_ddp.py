@@ -40,6 +40,9 @@ from moe_mlora.training.module import (
     sharded_expert_mean_bce,
 )
 from moe_mlora.training.phases import Schedule
+from moe_mlora.training.schedules import load_schedule
+
+PAPER = load_schedule("paper")
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -196,13 +199,13 @@ def evaluate(cfg, module, datamodule) -> dict:
     """Validation on all domains (gate routing), phase 2's per-expert validation, test."""
     make_trainer = make_trainer_factory(cfg)
     model = module.model
-    model.routing, module.phase = "mixture", Phase(3, "gate")
+    model.routing, module.phase = "mixture", Phase(3, PAPER.phases[2])
     make_trainer(module.phase, [], False).validate(
         module, dataloaders=datamodule.val_dataloader(), verbose=False
     )
     val = module.last_val
     assignment = expert_assignment(model.num_experts, datamodule.num_domains)
-    model.routing, module.phase = "expert", Phase(2, "experts", assignment)
+    model.routing, module.phase = "expert", Phase(2, PAPER.phases[1], assignment)
     make_trainer(module.phase, [], False).validate(
         module, dataloaders=datamodule.expert_val_batches(assignment), verbose=False
     )
@@ -259,8 +262,8 @@ def train_ddp(cfg, run_dir: Path, interrupt: bool = False) -> dict:
             return plain(phase, [InterruptPhase2(), *callbacks], reload)
 
     checkpoints = RunCheckpoints(run_dir, config_fingerprint(cfg))
-    schedule = Schedule(module, datamodule, make_trainer, checkpoints=checkpoints)
-    reports = [report.to_json() for report in schedule.run("moe_mlora")]
+    schedule = Schedule(module, datamodule, make_trainer, spec=PAPER, checkpoints=checkpoints)
+    reports = [report.to_json() for report in schedule.run()]
     test = schedule.test()
     state = {k: v.clone() for k, v in module.model.state_dict().items()}
     return {"reports": reports, "test": test, "state": state}
@@ -283,7 +286,7 @@ def test_two_processes_evaluate_exactly_like_one_and_train_identically(cache_dir
     quiet_lightning()
     cfg = compose(tiny(cache_dir, "trainer.accelerator=cpu", "trainer.max_epochs=1"))
     datamodule, module = build(cfg)
-    Schedule(module, datamodule, make_trainer_factory(cfg)).run("moe_mlora")  # trained weights
+    Schedule(module, datamodule, make_trainer_factory(cfg), spec=PAPER).run()  # trained weights
     weights = tmp_path / "weights.pt"
     torch.save(module.model.state_dict(), weights)
     single = evaluate(cfg, module, datamodule)

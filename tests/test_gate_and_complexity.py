@@ -18,6 +18,7 @@ from moe_mlora.models.complexity import complexity, flops_per_sample
 from moe_mlora.run import ConfigError, adapter_config, train_and_evaluate
 from moe_mlora.training.module import CTRModule, Phase
 from moe_mlora.training.phases import set_trainable
+from moe_mlora.training.schedules import PhaseSpec, load_schedule
 
 NUM_DOMAINS = 3
 FIELDS = [FieldSpec("user", 30), FieldSpec("item", 20), FieldSpec("domain", NUM_DOMAINS)]
@@ -110,7 +111,7 @@ def gate_phase_module(weight: float, top_k: int | None = None) -> CTRModule:
     model = moe(gate={"balance_loss_weight": weight, "top_k": top_k}).train()
     set_trainable(model, backbone=False, experts=False, gate=True)
     module = CTRModule(model, [f"d{d}" for d in range(NUM_DOMAINS)])
-    module.phase = Phase(3, "gate")
+    module.phase = Phase(3, load_schedule("paper").phases[2])
     return module
 
 
@@ -146,7 +147,8 @@ def test_balance_loss_is_added_to_the_gate_phase_loss_when_weighted() -> None:
 @pytest.mark.parametrize("kind", ["joint", "backbone"])
 def test_balance_loss_is_not_added_outside_the_gate_phase(kind: str) -> None:
     module = gate_phase_module(0.5)
-    module.phase = Phase(1, kind)  # the gate still routes, but this phase does not train it
+    # the gate still routes, but this phase does not train it
+    module.phase = Phase(1, PhaseSpec(kind, "mixture", ("backbone", "experts")))
     logged: dict = {}
     loss, bce = training_loss(module, logged)
     assert module.model.tower.adapter.auxiliary_loss() is not None

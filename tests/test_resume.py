@@ -68,10 +68,14 @@ def test_crash_after_phase_two_resumes_at_phase_three_with_the_same_result(
     cfg = compose(tiny(cache_dir, *RESUMABLE))
     ran = []
 
-    def crash(self):
-        raise RuntimeError("simulated crash at the start of phase 3")
+    real_phase = Schedule.run_phase
 
-    monkeypatch.setattr(Schedule, "gate_phase", crash)
+    def crash(self, index, spec):
+        if index == 3:
+            raise RuntimeError("simulated crash at the start of phase 3")
+        return real_phase(self, index, spec)
+
+    monkeypatch.setattr(Schedule, "run_phase", crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
         train_and_evaluate(cfg, tmp_path)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
@@ -79,10 +83,14 @@ def test_crash_after_phase_two_resumes_at_phase_three_with_the_same_result(
         "phase2.pt",
     ]
     monkeypatch.undo()
-    for name in ("backbone_phase", "experts_phase"):  # must be skipped on resume
-        monkeypatch.setattr(Schedule, name, lambda self, name=name: ran.append(name))
+
+    def record(self, index, spec):  # phases 1 and 2 must be skipped on resume
+        ran.append(index)
+        return real_phase(self, index, spec)
+
+    monkeypatch.setattr(Schedule, "run_phase", record)
     resumed = train_and_evaluate(cfg, tmp_path)
-    assert ran == []
+    assert ran == [3]
     assert outcome(resumed) == outcome(uninterrupted)
 
 
@@ -108,7 +116,10 @@ def test_nan_loss_names_phase_epoch_and_step_and_keeps_the_last_good_checkpoint(
 
 
 def test_resume_with_another_config_is_refused(cache_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(Schedule, "gate_phase", lambda self: 1 / 0)
+    real_phase = Schedule.run_phase
+    monkeypatch.setattr(
+        Schedule, "run_phase", lambda self, i, spec: 1 / 0 if i == 3 else real_phase(self, i, spec)
+    )
     with pytest.raises(ZeroDivisionError):
         train_and_evaluate(compose(tiny(cache_dir, *RESUMABLE)), tmp_path)
     monkeypatch.undo()

@@ -14,6 +14,9 @@ from moe_mlora.models import AdapterConfig, build_model
 from moe_mlora.run import quiet_lightning
 from moe_mlora.training.module import CTRModule, expert_mean_bce
 from moe_mlora.training.phases import Schedule
+from moe_mlora.training.schedules import load_schedule
+
+PAPER = load_schedule("paper")
 
 
 def make_trainer_factory(max_epochs: int):
@@ -93,14 +96,10 @@ def test_moe_phases_freeze_whole_parameter_groups(datamodule):
         "experts": model.expert_parameters(),
         "gate": model.gate_parameters(),
     }
-    phases = {
-        "backbone": schedule.backbone_phase,
-        "experts": schedule.experts_phase,
-        "gate": schedule.gate_phase,
-    }
-    for trained, run_phase in phases.items():
+    for index, spec in enumerate(PAPER.phases, start=1):
+        (trained,) = spec.trains
         before = {name: snapshot(params) for name, params in groups.items()}
-        report = run_phase()
+        report = schedule.run_phase(index, spec)
         assert report.epochs >= 1
         for name, params in groups.items():
             if name == trained:
@@ -111,8 +110,10 @@ def test_moe_phases_freeze_whole_parameter_groups(datamodule):
 
 def test_best_weights_are_restored_at_phase_end(datamodule):
     module = make_module(datamodule, "none", seed=3)
-    schedule = Schedule(module, datamodule, make_trainer_factory(6), patience=2)
-    (report,) = schedule.run("base")
+    schedule = Schedule(
+        module, datamodule, make_trainer_factory(6), spec=load_schedule("base"), patience=2
+    )
+    (report,) = schedule.run()
     assert report.best_epoch >= 0
     assert val_wauc(module, datamodule) == pytest.approx(report.best_val_wauc, abs=1e-6)
 
@@ -121,7 +122,9 @@ def test_mlora_trains_backbone_and_domain_adapters_jointly(datamodule):
     module = make_module(datamodule, "mlora")
     model = module.model
     backbone, adapters = snapshot(model.backbone_parameters()), snapshot(model.expert_parameters())
-    (report,) = Schedule(module, datamodule, make_trainer_factory(1)).run("mlora")
+    (report,) = Schedule(
+        module, datamodule, make_trainer_factory(1), spec=load_schedule("mlora")
+    ).run()
     assert report.kind == "joint" and model.routing == "domain"
     assert not unchanged(model.backbone_parameters(), backbone)
     assert not unchanged(model.expert_parameters(), adapters)
@@ -135,14 +138,15 @@ def test_parallel_phase2_equals_sequential(datamodule, experts):
     trained first so that the experts start from a meaningful model.
     """
     module = make_module(datamodule, "moe", experts=experts, dropout=0.0, seed=7)
-    Schedule(module, datamodule, make_trainer_factory(2), patience=2).backbone_phase()
+    Schedule(module, datamodule, make_trainer_factory(2), patience=2).run_phase(1, PAPER.phases[0])
     twin = copy.deepcopy(module)
 
-    parallel = Schedule(module, datamodule, make_trainer_factory(5), patience=1).experts_phase()
+    parallel_schedule = Schedule(module, datamodule, make_trainer_factory(5), patience=1)
+    parallel = parallel_schedule.run_phase(2, PAPER.phases[1])
     sequential_schedule = Schedule(
         twin, datamodule, make_trainer_factory(5), patience=1, phase2_mode="sequential"
     )
-    sequential = sequential_schedule.experts_phase()
+    sequential = sequential_schedule.run_phase(2, PAPER.phases[1])
 
     for mine, theirs in zip(parallel.experts, sequential.experts, strict=True):
         assert mine["epochs"] == theirs["epochs"]

@@ -169,6 +169,64 @@ class SplitBatches:
         }
 
 
+class SingleDomainBatches:
+    """Training batches that each hold rows of one domain only (the reference's epochs).
+
+    Each epoch visits the domains in a new random order and, within a domain, its rows
+    in a new random order, ``batch_size`` at a time; so a batch never mixes domains and
+    a domain's last batch may be short. The seeds are ``(seed, epoch)`` for the domain
+    order and ``(seed, domain, epoch)`` for the rows, as :class:`SplitBatches`.
+    Under DDP every process takes its part of each global batch; a batch with fewer
+    rows than processes is dropped.
+    """
+
+    def __init__(self, split: SplitTensors, batch_size: int, seed: int = 0) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.split = split
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+        domains = torch.unique(split.domain)
+        self.rows = {
+            int(d): torch.nonzero(split.domain == d, as_tuple=True)[0] for d in domains.tolist()
+        }
+
+    def _sizes(self) -> list[int]:
+        sizes = []
+        for rows in self.rows.values():
+            full, rest = divmod(len(rows), self.batch_size)
+            sizes += [self.batch_size] * full + ([rest] if rest else [])
+        return sizes
+
+    def __len__(self) -> int:
+        world = process_slot()[1]
+        return sum(1 for size in self._sizes() if size >= world)
+
+    def __iter__(self) -> Iterator[Batch]:
+        domains = sorted(self.rows)
+        order = torch.randperm(len(domains), generator=epoch_generator(self.seed, self.epoch))
+        epoch, size, world = self.epoch, self.batch_size, process_slot()[1]
+        self.epoch += 1
+        for position in order.tolist():
+            domain = domains[position]
+            rows = self.rows[domain]
+            rows = rows[
+                torch.randperm(len(rows), generator=epoch_generator(self.seed, domain, epoch))
+            ]
+            for start in range(0, len(rows), size):
+                index = rows[start : start + size]
+                if len(index) < world:
+                    continue
+                part = index if world == 1 else shard_of_batch(index)
+                batch = {
+                    "sparse": self.split.sparse[part],
+                    "domain": self.split.domain[part],
+                    "label": self.split.label[part],
+                }
+                yield batch if world == 1 else batch | _shard_keys(torch.tensor(len(index)), world)
+
+
 def expert_assignment(num_experts: int, num_domains: int) -> list[list[int]]:
     """Domains each expert specialises on in phase 2.
 

@@ -16,7 +16,12 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from moe_mlora.data.batches import ExpertBatches, ExpertEvalBatches, SplitBatches
+from moe_mlora.data.batches import (
+    ExpertBatches,
+    ExpertEvalBatches,
+    SingleDomainBatches,
+    SplitBatches,
+)
 from moe_mlora.data.cache import default_cache_dir, generated_dir, write_atomically
 from moe_mlora.data.processed import DataError, ProcessedData
 
@@ -214,8 +219,18 @@ class MultiDomainDataModule(L.LightningDataModule):
             lines.append(f"{name:<20}{cells}{rates[d]:>10.3f}")
         return "\n".join(lines)
 
-    def train_dataloader(self) -> SplitBatches:
+    def train_dataloader(
+        self, domains: Sequence[int] | None = None, single_domain: bool = False
+    ) -> SplitBatches | SingleDomainBatches:
+        """Shuffled training batches of every domain, or only of ``domains``.
+
+        ``single_domain``: every batch from one domain (:class:`SingleDomainBatches`).
+        """
         split = self.processed.splits["train"]
+        if domains is not None:
+            split = split.select(torch.isin(split.domain, torch.tensor(list(domains))))
+        if single_domain:
+            return SingleDomainBatches(split, self.batch_size, seed=self.shuffle_seed)
         return SplitBatches(split, self.batch_size, shuffle=True, seed=self.shuffle_seed)
 
     def val_dataloader(self) -> SplitBatches:

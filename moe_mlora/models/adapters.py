@@ -14,7 +14,8 @@ The adapter has two halves, kept apart so that no backbone ever sees them:
   routing    w                                            adapters
   ========== ============================================ ==============
   "off"      none: backbone only                          all
-  "domain"   one_hot(domain, D)                           mlora
+  "domain"   one_hot(domain mod E): the domain's own      mlora, moe
+             expert (for MLoRA, E = D: its adapter)
   "expert"   one_hot(expert, E), no gate                  mlora, moe
   "mixture"  gate: softmax, or its top-k renormalised     moe
   ========== ============================================ ==============
@@ -51,12 +52,17 @@ class GateConfig:
     to sum to 1; ``None`` (or k = E) is the dense softmax of the reference.
     ``balance_loss_weight``: weight of the load-balancing loss
     (:func:`balance_loss`) added to the gate phase's loss; 0 turns it off.
+    ``anchored``: the gate's weights are ``own_d + s_d (softmax(...) - own_d)``,
+    ``own_d`` the domain's own-expert routing and ``s_d`` a learned per-domain
+    share that starts at 0 (see :class:`Gate`). Schedules that start the gate at the
+    own-expert routing (``init: gate_own_experts``) turn it on themselves.
     """
 
     input: str = "domain"
     embedding_dim: int = 8
     top_k: int | None = None
     balance_loss_weight: float = 0.0
+    anchored: bool = False
 
     def __post_init__(self) -> None:
         if self.input not in GATE_INPUTS:
@@ -186,6 +192,30 @@ class LoRAExperts(nn.Module):
     def expert_parameters(self, expert: int) -> list[nn.Parameter]:
         return [self.A[expert], self.B[expert], self.bias[expert]]
 
+    @torch.no_grad()
+    def spread(self, groups: list[list[int]], noise: float, generator: torch.Generator) -> None:
+        """Copy each group's first expert into the group's others, with zero-sum noise.
+
+        ``groups``: the experts of each domain, its own (trained) expert first. Every
+        copy gets the first expert's ``A``; ``B`` and ``b`` get noise of scale
+        ``noise x`` their RMS, centred over the group, so the copies' *average* is
+        the first expert exactly (the expert output is linear in ``B`` and ``b`` for
+        a shared ``A``) while each copy can specialise differently afterwards.
+        """
+        for group in groups:
+            if len(group) < 2:
+                continue
+            first = group[0]
+            for tensors in (self.B, self.bias):
+                source = tensors[first].detach().clone()
+                scale = noise * source.pow(2).mean().sqrt()
+                draws = torch.randn((len(group), *source.shape), generator=generator)
+                draws = (draws - draws.mean(dim=0)) * scale
+                for copy, expert in enumerate(group):
+                    tensors[expert].copy_(source + draws[copy])
+            for expert in group[1:]:
+                self.A[expert].copy_(self.A[first])
+
     def forward(self, x: Tensor, weights: Tensor, base: Tensor) -> Tensor:
         """``base + sum_e weights[:, e] * (x A_e B_e + b_e)``.
 
@@ -233,6 +263,17 @@ class Gate(nn.Module):
     input "domain_features") the domain embedding is concatenated with the
     tower input ``[B, input_dim]``. ``top_k`` keeps each row's k largest
     weights, renormalised (``None``: the dense softmax).
+
+    ``anchored``: the weights become ``own_d + s_d (g - own_d)``, ``g`` the
+    weights above, ``own_d`` the fixed own-expert routing of domain ``d`` (1/k on
+    each of its k experts, :func:`own_expert_routing`) and ``s_d`` a learned
+    per-domain share. The share starts at 0, so the mixture model is *exactly*
+    the model with each domain on its own experts (a softmax cannot start
+    exactly one-hot; this form can). The weights always sum to 1. ``s_d`` in
+    (0, 1] moves domain d towards the gate's mixture; it is not clamped, because
+    a clamp at 0 would stop its gradient for good the first time a step pushed it
+    below: a negative ``s_d`` instead weighs the domain's own experts above 1
+    and the others below 0, a learned scaling of the own adapter.
     """
 
     def __init__(
@@ -242,24 +283,59 @@ class Gate(nn.Module):
         embedding_dim: int,
         input_dim: int = 0,
         top_k: int | None = None,
+        anchored: bool = False,
     ) -> None:
         super().__init__()
         self.input_dim = input_dim
         self.top_k = top_k
         self.domain_embedding = nn.Embedding(num_domains, embedding_dim)
         self.proj = nn.Linear(embedding_dim + input_dim, num_experts)
+        self.anchored = anchored
+        if anchored:
+            self.register_buffer("own", own_expert_routing(num_domains, num_experts))
+            self.share = nn.Parameter(torch.zeros(num_domains))
+
+    def reset_to_own_experts(self) -> None:
+        """Anchored gates only: share 0, so every domain routes to its own experts exactly."""
+        if not self.anchored:
+            raise ValueError("only an anchored gate (gate.anchored=true) starts at own experts")
+        with torch.no_grad():
+            self.share.zero_()
+
+    def reset_near_uniform(self) -> None:
+        """The reference's random gate: embedding U(-0.05, 0.05), Glorot weights, zero bias.
+
+        Its softmax is close to 1/E everywhere (the authors' gate never trains).
+        """
+        with torch.no_grad():
+            nn.init.uniform_(self.domain_embedding.weight, -0.05, 0.05)
+            nn.init.xavier_uniform_(self.proj.weight)
+            nn.init.zeros_(self.proj.bias)
+            if self.anchored:
+                self.share.fill_(1.0)
+
+    def _anchor(self, weights: Tensor, domain_rows: Tensor | slice) -> Tensor:
+        own = self.own[domain_rows]
+        return own + self.share[domain_rows].unsqueeze(-1) * (weights - own)
 
     def route(self, domain: Tensor, features: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(weights, probabilities)``, both ``[B, E]``: the routing weights (top-k
-        applied) and the dense softmax they come from (what the balance loss needs)."""
+        applied, anchored if the gate is) and the dense softmax they come from (what
+        the balance loss needs)."""
         if self.input_dim == 0:
             probs = torch.softmax(self.proj(self.domain_embedding.weight), dim=-1)  # [D, E]
-            return top_k_weights(probs, self.top_k)[domain], probs[domain]
+            weights = top_k_weights(probs, self.top_k)
+            if self.anchored:
+                weights = self._anchor(weights, slice(None))
+            return weights[domain], probs[domain]
         if features is None:
             raise ValueError("this gate (gate.input='domain_features') needs the tower input")
         inputs = torch.cat((self.domain_embedding(domain), features), dim=1)
         probs = torch.softmax(self.proj(inputs), dim=-1)
-        return top_k_weights(probs, self.top_k), probs
+        weights = top_k_weights(probs, self.top_k)
+        if self.anchored:
+            weights = self._anchor(weights, domain)
+        return weights, probs
 
     def forward(self, domain: Tensor, features: Tensor | None = None) -> Tensor:
         """The routing weights ``[B, E]``: each row sums to 1, at most k nonzero."""
@@ -296,6 +372,22 @@ def balance_loss(weights: Tensor, probs: Tensor) -> Tensor:
     """
     num_experts = weights.shape[-1]
     return num_experts * (weights.mean(dim=0) * probs.mean(dim=0)).sum()
+
+
+def own_expert_routing(num_domains: int, num_experts: int) -> Tensor:
+    """``[D, E]``: each domain's weight on its own experts (1/k on each of its k experts).
+
+    The experts of domain ``d`` are those phase 2 assigns to it
+    (:func:`~moe_mlora.data.batches.expert_assignment`): ``e mod D == d`` when
+    ``E >= D``, else the single expert ``d mod E``.
+    """
+    table = torch.zeros(num_domains, num_experts)
+    for domain in range(num_domains):
+        if num_experts >= num_domains:
+            table[domain, domain::num_domains] = 1.0
+        else:
+            table[domain, domain % num_experts] = 1.0
+    return table / table.sum(dim=1, keepdim=True)
 
 
 def one_hot(index: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:
@@ -368,8 +460,8 @@ class Adapter(nn.Module):
         self._auxiliary_loss = None
         if routing == "off":
             return None
-        if routing == "domain":
-            return one_hot(domain, self.num_experts, tower_input.dtype)
+        if routing == "domain":  # the domain's own (first) expert; MLoRA: E = D, expert = domain
+            return one_hot(domain % self.num_experts, self.num_experts, tower_input.dtype)
         if routing == "expert":
             if expert is None:
                 raise ValueError(
@@ -405,7 +497,7 @@ class MoEAdapter(Adapter):
     """
 
     kind = "moe"
-    routings = ("off", "expert", "mixture")
+    routings = ("off", "domain", "expert", "mixture")
     default_routing = "mixture"
 
     def __init__(self, config: AdapterConfig, num_domains: int, tower_input_dim: int) -> None:
@@ -419,6 +511,7 @@ class MoEAdapter(Adapter):
             gate.embedding_dim,
             tower_input_dim if gate.input == "domain_features" else 0,
             gate.effective_top_k(self.num_experts),
+            anchored=gate.anchored,
         )
 
     def gate_weights(self, tower_input: Tensor, domain: Tensor) -> Tensor:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import lightning as L
@@ -39,21 +40,48 @@ class BestWeights(L.Callback):
     """Early stopping on a validation metric (higher is better) that restores the best weights.
 
     Only trainable parameters are saved: frozen ones cannot change in the phase.
+
+    ``to_beat`` and ``fallback`` make the phase part of a run-wide keep-best: the phase
+    counts as improving only above ``to_beat`` (the run's best score so far), and if it
+    never gets there, ``fallback()`` (loading the run's best weights) runs when it ends.
+    ``revert``: after an epoch that does not improve, the best weights so far come back
+    (the reference's rule) instead of training on from the last epoch's.
+    ``seen_best`` / ``seen_metrics`` keep the phase's own best epoch whether or not it beat
+    ``to_beat``, for its report.
     """
 
-    def __init__(self, monitor: str, patience: int = 3, min_delta: float = 0.0) -> None:
+    def __init__(
+        self,
+        monitor: str,
+        patience: int = 3,
+        min_delta: float = 0.0,
+        revert: bool = False,
+        to_beat: float = math.nan,
+        fallback: Callable[[], None] | None = None,
+    ) -> None:
         if patience < 1:
             raise ValueError(f"callbacks.early_stopping.patience must be >= 1, got {patience}")
         self.monitor = monitor
         self.patience = patience
         self.min_delta = min_delta
-        self.best = math.nan
+        self.revert = revert
+        self.fallback = fallback
+        self.best = to_beat
         self.best_epoch = -1
         self.best_metrics: dict | None = None
+        self.seen_best = math.nan
+        self.seen_epoch = -1
+        self.seen_metrics: dict | None = None
         self.epochs = 0
+        self.reverted = 0
         self._wait = 0
         self._saved: list[torch.Tensor] | None = None
         self._parameters: list[torch.nn.Parameter] = []
+
+    @property
+    def improved(self) -> bool:
+        """Whether some epoch beat the score to beat (always, once an epoch scored, if none)."""
+        return self._saved is not None
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._parameters = [p for p in pl_module.parameters() if p.requires_grad]
@@ -63,14 +91,27 @@ class BestWeights(L.Callback):
             return
         self.epochs += 1
         value = float(trainer.callback_metrics.get(self.monitor, math.nan))
+        if _improved(value, self.seen_best, 0.0):
+            self.seen_best, self.seen_epoch = value, trainer.current_epoch
+            self.seen_metrics = getattr(pl_module, "last_val", None)
         if _improved(value, self.best, self.min_delta):
             self.best, self.best_epoch, self._wait = value, trainer.current_epoch, 0
             self.best_metrics = getattr(pl_module, "last_val", None)
             self._saved = snapshot(self._parameters)
             return
         self._wait += 1
+        if self.revert:
+            self._restore_best()
         if self._wait >= self.patience:
             trainer.should_stop = True
+
+    def _restore_best(self) -> None:
+        if self._saved is not None:
+            restore(self._parameters, self._saved)
+            self.reverted += 1
+        elif self.fallback is not None:
+            self.fallback()
+            self.reverted += 1
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._wait >= self.patience:  # resumed from the epoch that decided to stop
@@ -79,13 +120,17 @@ class BestWeights(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._saved is not None:
             restore(self._parameters, self._saved)
+        elif self.fallback is not None:
+            self.fallback()
 
     def state_dict(self) -> dict:
         return {
             "best": self.best,
             "best_epoch": self.best_epoch,
             "best_metrics": self.best_metrics,
+            "seen": (self.seen_best, self.seen_epoch, self.seen_metrics),
             "epochs": self.epochs,
+            "reverted": self.reverted,
             "wait": self._wait,
             "saved": self._saved,
         }
@@ -94,6 +139,9 @@ class BestWeights(L.Callback):
         self.best, self.best_epoch = state["best"], state["best_epoch"]
         self.best_metrics, self.epochs = state["best_metrics"], state["epochs"]
         self._wait, self._saved = state["wait"], state["saved"]
+        if "seen" in state:  # checkpoints written before run-wide keep-best lack these
+            self.seen_best, self.seen_epoch, self.seen_metrics = state["seen"]
+            self.reverted = state["reverted"]
 
 
 @dataclass

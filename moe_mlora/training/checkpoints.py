@@ -119,8 +119,13 @@ class RunCheckpoints:
             )
         return payload
 
-    def save_phase(self, index: int, report: dict, model: torch.nn.Module) -> None:
+    def save_phase(
+        self, index: int, report: dict, model: torch.nn.Module, carried: dict | None = None
+    ) -> None:
         """Record that phase ``index`` ended; on global rank 0 only, the others wait for it.
+
+        ``carried``: what later phases need besides the weights (the run's best weights
+        and score, a carried optimizer state).
 
         The barrier keeps the other ranks from starting the next phase (and from checking
         its files) while rank 0 is still writing this one's.
@@ -131,6 +136,7 @@ class RunCheckpoints:
                 "config_fingerprint": self.fingerprint,
                 "report": report,
                 "model": model.state_dict(),
+                "carried": carried,
                 **rng,
             }
             save_atomically(payload, self.phase_file(index))

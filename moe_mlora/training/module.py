@@ -15,23 +15,35 @@ import torch.nn.functional as F
 
 from moe_mlora.distributed import all_reduce_sum, gather_rows
 from moe_mlora.metrics import DomainAUC, grouped_auc, weighted_auc
+from moe_mlora.training.schedules import PhaseSpec
+
+EVALUATION = PhaseSpec("test", "off", ("backbone",))  # what a Trainer that only tests runs
 
 
 @dataclass
 class Phase:
-    """One training phase: its number in metric names and what it trains.
+    """One training phase of the running schedule: its number in metric names and its spec.
 
-    ``kind`` is ``joint`` (base / MLoRA: everything at once), ``backbone``,
-    ``experts`` or ``gate`` (MoE-MLoRA's three phases).
+    ``assignment`` (the domains of each expert) is set for phases that train experts on
+    their own domains (``spec.per_expert``).
     """
 
     index: int
-    kind: str
-    assignment: list[list[int]] = field(default_factory=list)  # experts phase: domains per expert
+    spec: PhaseSpec
+    assignment: list[list[int]] = field(default_factory=list)
+
+    @property
+    def kind(self) -> str:
+        """The phase's name (``joint``, ``backbone``, ``experts``, ``gate``...)."""
+        return self.spec.name
 
     @property
     def prefix(self) -> str:
         return f"phase{self.index}"
+
+    @property
+    def per_expert(self) -> bool:
+        return self.spec.per_expert
 
 
 def make_adam(
@@ -105,6 +117,17 @@ def experts_in_global_batch(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.unique(batch["expert"])
 
 
+def routing_entropy(weights: torch.Tensor) -> torch.Tensor:
+    """Per row, the entropy (nats) of the routing weights ``[B, E]``: 0 = one expert, log E = all.
+
+    An anchored gate may extrapolate (weights below 0 and above 1); the entropy is then that
+    of the weights clipped at 0 and renormalised, the nearest routing that has one.
+    """
+    clipped = weights.clamp(min=0)
+    probs = clipped / clipped.sum(dim=-1, keepdim=True).clamp(min=1e-12)
+    return -torch.special.xlogy(probs, probs).sum(dim=-1)
+
+
 def adapter_auxiliary_loss(model: torch.nn.Module) -> tuple[float, torch.Tensor | None]:
     """``(weight, loss)`` of the auxiliary loss the model's adapter recorded in its last forward.
 
@@ -134,7 +157,9 @@ class CTRModule(L.LightningModule):
         self.num_domains = len(domain_names)
         self.lr = lr
         self.weight_decay = weight_decay
-        self.phase = Phase(1, "joint")
+        self.phase = Phase(1, PhaseSpec("joint", "off", ("backbone",)))
+        # (trainable positions, Adam state) of the last phase, for a phase with optimizer: carry
+        self.carried_optimizer: tuple[list[int], dict] | None = None
         self.val_metric = DomainAUC(self.num_domains, self.domain_names, bins=auc_bins)
         self.test_metric = DomainAUC(self.num_domains, self.domain_names, bins=auc_bins)
         self._expert_val: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
@@ -144,24 +169,47 @@ class CTRModule(L.LightningModule):
         self.test_result: dict | None = None
         self._gate_sum: torch.Tensor | None = None
         self._gate_rows: torch.Tensor | None = None
+        self._gate_entropy: torch.Tensor | None = None
 
     # ----------------------------------------------------------------- forward
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model(batch["sparse"], batch["domain"], batch.get("expert"))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
+        """Adam over the trainable parameters at the phase's learning rate.
+
+        With ``optimizer: carry`` and the same trainable parameters as the phase before,
+        Adam's moments and step count continue from there (the reference's single Adam).
+        """
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        return make_adam(trainable, self.lr, self.weight_decay)
+        lr = self.phase.spec.lr if self.phase.spec.lr is not None else self.lr
+        optimizer = make_adam(trainable, lr, self.weight_decay)
+        carried = self.carried_optimizer
+        if self.phase.spec.optimizer == "carry" and carried is not None:
+            if carried[0] == self._trainable_positions():
+                state = carried[1]
+                for group in state["param_groups"]:
+                    group["lr"] = lr
+                optimizer.load_state_dict(state)
+        return optimizer
+
+    def keep_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
+        """Remember Adam's state at the end of a phase, for a next phase that carries it."""
+        self.carried_optimizer = (self._trainable_positions(), optimizer.state_dict())
+
+    def _trainable_positions(self) -> list[int]:
+        """Which parameters train, as positions in ``model.parameters()`` (stable on resume)."""
+        return [i for i, p in enumerate(self.model.parameters()) if p.requires_grad]
 
     # ---------------------------------------------------------------- training
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         logits = self(batch)
-        if self.phase.kind == "experts":
+        if self.phase.per_expert:
             self._experts_in_batch = experts_in_global_batch(batch)
             loss = self._experts_loss(logits, batch)
         else:
             loss = batch_mean_bce(logits, batch["label"], batch)
-        if self.phase.kind == "gate":
+        if self.phase.spec.trains_gate:
             loss = loss + self._gate_auxiliary_loss(len(batch["label"]))
         if not torch.isfinite(loss):
             raise FloatingPointError(
@@ -189,10 +237,10 @@ class CTRModule(L.LightningModule):
         )
 
     def _gate_auxiliary_loss(self, batch_size: int) -> torch.Tensor | float:
-        """``weight * balance loss`` while the gate trains (phase 3), logged unweighted.
+        """``weight * balance loss`` while the gate trains, logged unweighted.
 
-        Only phase 3 adds it: earlier phases do not train the gate, and base
-        or MLoRA have none. Zero when the weight is 0 (the reference).
+        Only phases that train the gate add it (the paper's phase 3); base and
+        MLoRA have none. Zero when the weight is 0 (the reference).
         """
         weight, auxiliary = adapter_auxiliary_loss(self.model)
         if weight == 0 or auxiliary is None:
@@ -213,7 +261,7 @@ class CTRModule(L.LightningModule):
         Under DDP "absent" means absent from the global batch, the same on every process
         (an expert absent from this shard but present in another's has an averaged grad).
         """
-        if self.phase.kind != "experts" or self._experts_in_batch is None:
+        if not self.phase.per_expert or self._experts_in_batch is None:
             return
         present = set(self._experts_in_batch.tolist())
         for expert in range(len(self.phase.assignment)):
@@ -224,7 +272,7 @@ class CTRModule(L.LightningModule):
     # -------------------------------------------------------------- validation
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         probs = torch.sigmoid(self(batch))
-        if self.phase.kind == "experts":
+        if self.phase.per_expert:
             group = batch["expert"] * self.num_domains + batch["domain"]
             self._expert_val.append((probs, batch["label"], group))
         else:
@@ -232,7 +280,7 @@ class CTRModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         prefix = f"{self.phase.prefix}/val"
-        if self.phase.kind == "experts":
+        if self.phase.per_expert:
             self._finish_expert_validation(prefix)
             return
         result = self.val_metric.compute()
@@ -265,8 +313,9 @@ class CTRModule(L.LightningModule):
         if getattr(self.model, "routing", "off") == "mixture" and num_experts:
             self._gate_sum = torch.zeros(self.num_domains, num_experts, dtype=torch.float64)
             self._gate_rows = torch.zeros(self.num_domains, dtype=torch.float64)
+            self._gate_entropy = torch.zeros(self.num_domains, dtype=torch.float64)
         else:
-            self._gate_sum = self._gate_rows = None
+            self._gate_sum = self._gate_rows = self._gate_entropy = None
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         probs = torch.sigmoid(self(batch))
@@ -276,12 +325,15 @@ class CTRModule(L.LightningModule):
             domain = batch["domain"].cpu()
             self._gate_sum.index_add_(0, domain, weights)
             self._gate_rows.index_add_(0, domain, torch.ones_like(domain, dtype=torch.float64))
+            self._gate_entropy.index_add_(0, domain, routing_entropy(weights))
 
     def on_test_epoch_end(self) -> None:
         result = self.test_metric.compute()
         if self._gate_sum is not None:  # summed over the processes' shards under DDP
             gate_sum, gate_rows = all_reduce_sum(self._gate_sum), all_reduce_sum(self._gate_rows)
-            result["gate_weights"] = gate_sum / gate_rows.clamp(min=1)[:, None]
+            rows = gate_rows.clamp(min=1)
+            result["gate_weights"] = gate_sum / rows[:, None]
+            result["gate_entropy"] = all_reduce_sum(self._gate_entropy) / rows
         self.test_result = result
         self._log_summary("test", result)
 
