@@ -185,12 +185,12 @@ class CTRModule(L.LightningModule):
         lr = self.phase.spec.lr if self.phase.spec.lr is not None else self.lr
         optimizer = make_adam(trainable, lr, self.weight_decay)
         carried = self.carried_optimizer
-        if self.phase.spec.optimizer == "carry" and carried is not None:
-            if carried[0] == self._trainable_positions():
-                state = carried[1]
-                for group in state["param_groups"]:
-                    group["lr"] = lr
-                optimizer.load_state_dict(state)
+        carry = self.phase.spec.optimizer == "carry" and carried is not None
+        if carry and carried[0] == self._trainable_positions():
+            state = carried[1]
+            for group in state["param_groups"]:
+                group["lr"] = lr
+            optimizer.load_state_dict(state)
         return optimizer
 
     def keep_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
