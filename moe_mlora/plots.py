@@ -16,7 +16,15 @@ import polars as pl
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-METHOD_ORDER = {"base": 0, "mlora": 1, "moe_mlora": 2}
+METHOD_ORDER = {
+    "base": 0,
+    "mlora": 1,
+    "moe_mlora": 2,
+    "moe_mlora/paper": 3,
+    "moe_mlora/reference": 4,
+    "moe_mlora/warm": 5,
+}
+MOE = "moe_mlora"  # its groups are labelled moe_mlora/<schedule> (plain moe_mlora: older runs)
 # base and mlora have no experts: drawn as horizontal reference lines on the WAUC-vs-experts plot
 REFERENCE_STYLE = {"base": ("gray", "--"), "mlora": ("tab:orange", ":")}
 
@@ -64,7 +72,7 @@ def write_plots(
 def plot_wauc_vs_experts(summary: pl.DataFrame, data: str, path: Path) -> Path | None:
     """One panel per backbone: moe_mlora WAUC (± std) against experts, base/mlora as lines."""
     rows = summary.filter(pl.col("data") == data)
-    moe = rows.filter(pl.col("method") == "moe_mlora", pl.col("experts").is_not_null())
+    moe = rows.filter(pl.col("method").str.starts_with(MOE), pl.col("experts").is_not_null())
     models = moe["model"].unique(maintain_order=True).to_list()  # backbones with experts only
     if not models:
         return None
@@ -80,18 +88,17 @@ def plot_wauc_vs_experts(summary: pl.DataFrame, data: str, path: Path) -> Path |
 
 
 def _wauc_panel(ax, rows: pl.DataFrame, model: str) -> None:
-    moe = rows.filter(pl.col("method") == "moe_mlora", pl.col("experts").is_not_null())
-    moe = moe.sort("experts")
-    experts = moe["experts"].to_list()
-    if experts:
-        errors = moe["wauc_std"].fill_nan(0.0).to_numpy()
+    moe = rows.filter(pl.col("method").str.starts_with(MOE), pl.col("experts").is_not_null())
+    experts = sorted(set(moe["experts"].to_list()))
+    for label in moe.sort(method_rank())["method"].unique(maintain_order=True).to_list():
+        line = moe.filter(pl.col("method") == label).sort("experts")
         ax.errorbar(
-            experts,
-            moe["wauc_mean"].to_numpy(),
-            yerr=errors,
+            line["experts"].to_list(),
+            line["wauc_mean"].to_numpy(),
+            yerr=line["wauc_std"].fill_nan(0.0).to_numpy(),
             marker="o",
             capsize=3,
-            label="moe_mlora",
+            label=label,
         )
     for method, (color, style) in REFERENCE_STYLE.items():
         reference = rows.filter(pl.col("method") == method)

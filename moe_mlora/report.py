@@ -61,6 +61,13 @@ GATE_SCHEMA = {
     "expert": pl.Int64,
     "weight": pl.Float64,
 }
+DIAGNOSTIC_SCHEMA = {
+    **NAMES,
+    "domain": pl.String,
+    "position": pl.Int64,
+    "own_weight": pl.Float64,
+    "entropy": pl.Float64,
+}
 SUMMARY_COLUMNS = [
     *KEYS,
     "n",
@@ -125,6 +132,18 @@ def failed(runs: Iterable[dict]) -> list[dict]:
 
 
 # ------------------------------------------------------------------ aggregation (polars)
+def method_label(run: dict) -> str | None:
+    """The method as the report names it: ``moe_mlora/warm`` when the schedule is not the
+    method's own one-phase schedule; plain ``moe_mlora`` for runs recorded before schedules."""
+    method, schedule = run.get("method"), run.get("schedule")
+    return method if schedule in (None, method) else f"{method}/{schedule}"
+
+
+def group_keys(run: dict) -> dict:
+    """A run's group: (data, model, method label, experts)."""
+    return {**{key: run.get(key) for key in KEYS}, "method": method_label(run)}
+
+
 def runs_frame(runs: Iterable[dict]) -> pl.DataFrame:
     """One row per completed run, NaN read as missing so that means skip it."""
     rows = [_run_row(record) for record in completed(runs)]
@@ -135,7 +154,7 @@ def _run_row(record: dict) -> dict:
     run, test = record["run"], record["test"]
     parameters, flops = record.get("parameters") or {}, record.get("flops") or {}
     return {
-        **{key: run.get(key) for key in KEYS},
+        **group_keys(run),
         **{metric: test.get(metric) for metric in METRICS},
         "adapter_overhead": parameters.get("adapter_overhead"),
         "adapter_overhead_pct": parameters.get("adapter_overhead_pct"),
@@ -192,7 +211,7 @@ def domain_summary(runs: Iterable[dict]) -> pl.DataFrame:
 
 
 def _domain_rows(record: dict) -> Iterator[dict]:
-    keys = {key: record["run"].get(key) for key in KEYS}
+    keys = group_keys(record["run"])
     per_domain = record["test"].get("per_domain") or {}
     for position, (domain, values) in enumerate(per_domain.items()):
         auc, samples = values.get("auc"), values.get("samples")
@@ -208,12 +227,30 @@ def gate_summary(runs: Iterable[dict]) -> pl.DataFrame:
 
 
 def _gate_rows(record: dict) -> Iterator[dict]:
-    keys = {key: record["run"].get(key) for key in KEYS}
+    keys = group_keys(record["run"])
     gates = record["test"].get("gate_weights") or {}
     for position, (domain, weights) in enumerate(gates.items()):
         names = {**keys, "experts": keys["experts"] or len(weights), "domain": domain}
         for expert, weight in enumerate(weights):
             yield {**names, "position": position, "expert": expert, "weight": weight}
+
+
+def gate_diagnostics_summary(runs: Iterable[dict]) -> pl.DataFrame:
+    """Per group and domain, over seeds: the test gate weight on the domain's own experts and
+    the routing entropy (results.json's ``test.gate_diagnostics``; older runs have none)."""
+    rows = [row for record in completed(runs) for row in _diagnostic_rows(record)]
+    frame = _frame(rows, DIAGNOSTIC_SCHEMA).group_by([*KEYS, "domain"])
+    means = frame.agg(
+        pl.col("own_weight").mean(), pl.col("entropy").mean(), pl.col("position").min()
+    )
+    return _sort_groups(means, "position").drop("position")
+
+
+def _diagnostic_rows(record: dict) -> Iterator[dict]:
+    keys = group_keys(record["run"])
+    diagnostics = (record["test"].get("gate_diagnostics") or {}).get("per_domain") or {}
+    for position, (domain, values) in enumerate(diagnostics.items()):
+        yield {**keys, "domain": domain, "position": position, **values}
 
 
 def _frame(rows: list[dict], schema: dict) -> pl.DataFrame:
@@ -241,7 +278,7 @@ def mixed_overrides(runs: Iterable[dict]) -> list[str]:
     for record in completed(runs):
         run = record["run"]
         overrides = tuple(sorted(o for o in run.get("overrides") or [] if not _is_seed(o)))
-        seen.setdefault(tuple(run.get(key) for key in KEYS), set()).add(overrides)
+        seen.setdefault(tuple(group_keys(run).values()), set()).add(overrides)
     return [
         f"{'/'.join(map(str, key))}: {' vs '.join(' '.join(o) or '(none)' for o in sorted(sets))}"
         for key, sets in seen.items()
@@ -342,8 +379,10 @@ def markdown_report(
     domains: pl.DataFrame,
     plots: dict[str, list[Path]],
     out: Path,
+    diagnostics: pl.DataFrame | None = None,
 ) -> str:
-    """The report for reading: per data the groups, per-domain AUCs and plots; failed runs."""
+    """The report for reading: per data the groups, per-domain AUCs, gate diagnostics and
+    plots; failed runs."""
     done, crashed = completed(runs), failed(runs)
     sources = ", ".join(f"`{folder}`" for folder in dirs)
     parts = [
@@ -354,8 +393,11 @@ def markdown_report(
         f"{NO_VALUE}: no value.",
     ]
     parts += [f"> warning: group {line}" for line in mixed_overrides(runs)]
+    if diagnostics is None:
+        diagnostics = gate_diagnostics_summary(runs)
     for data in summary["data"].unique(maintain_order=True).to_list():
         parts += _data_section(data, summary, domains, plots.get(data, []), out)
+        parts += _diagnostics_section(diagnostics.filter(pl.col("data") == data))
     parts += ["## Failed runs", _failed_table(crashed, dirs)]
     return "\n\n".join(parts) + "\n"
 
@@ -389,6 +431,32 @@ def _domain_table(domains: pl.DataFrame) -> str:
         for (model, label), aucs in table.items()
     )
     return _markdown_table(["model", "method", *names], rows)
+
+
+def _diagnostics_section(diagnostics: pl.DataFrame) -> list[str]:
+    """Per MoE group: the mean own-expert weight and entropy, and the domain that borrows most."""
+    if diagnostics.is_empty():
+        return []
+    rows = []
+    for key, group in diagnostics.group_by(KEYS, maintain_order=True):
+        _, model, method, experts = key
+        lowest = group.sort("own_weight").row(0, named=True)
+        rows.append(
+            [
+                model,
+                group_label(method, experts),
+                _number(group["own_weight"].mean()),
+                _number(group["entropy"].mean(), 3),
+                f"{lowest['domain']} ({_number(lowest['own_weight'])})",
+            ]
+        )
+    headers = ["model", "method", "own-expert weight", "entropy (nats)", "lowest own weight"]
+    note = (
+        "Test gate weight on each domain's own experts (1: stays on them), mean over domains "
+        "and seeds; routing entropy, 0 for one expert and log E for uniform. Per domain in "
+        "report_gate.csv."
+    )
+    return ["### Gate diagnostics", note, _markdown_table(headers, rows)]
 
 
 def _failed_table(crashed: list[dict], dirs: Sequence[Path | str]) -> str:
@@ -437,16 +505,22 @@ def write_report(
         )
     runs = load_runs(paths)
     summary, domains, gates = summarize(runs), domain_summary(runs), gate_summary(runs)
+    diagnostics = gate_diagnostics_summary(runs)
     out.mkdir(parents=True, exist_ok=True)
     summary.write_csv(out / "report.csv")
     domains.write_csv(out / "report_domains.csv")
+    csvs = [out / "report.csv", out / "report_domains.csv"]
+    if not diagnostics.is_empty():
+        diagnostics.write_csv(out / "report_gate.csv")
+        csvs.append(out / "report_gate.csv")
     plots = write_plots(summary, domains, gates, out)
     markdown = out / "report.md"
-    markdown.write_text(markdown_report(dirs, runs, summary, domains, plots, out))
+    markdown.write_text(markdown_report(dirs, runs, summary, domains, plots, out, diagnostics))
     pngs = [path for paths in plots.values() for path in paths]
-    _print_summary(runs, summary, [out / "report.csv", out / "report_domains.csv", markdown, *pngs])
+    _print_summary(runs, summary, [*csvs, markdown, *pngs])
     if wandb_mode is not None:
-        log_to_wandb(out, summary, domains, pngs, wandb_mode, wandb_project, Path(dirs[0]))
+        tables = {"report": summary, "report_domains": domains, "report_gate": diagnostics}
+        log_to_wandb(out, tables, pngs, wandb_mode, wandb_project, Path(dirs[0]))
     return markdown
 
 
@@ -467,8 +541,7 @@ def _print_summary(runs: list[dict], summary: pl.DataFrame, written: list[Path])
 
 def log_to_wandb(
     out: Path,
-    summary: pl.DataFrame,
-    domains: pl.DataFrame,
+    frames: dict[str, pl.DataFrame],
     pngs: list[Path],
     mode: str,
     project: str,
@@ -491,7 +564,7 @@ def log_to_wandb(
     except wandb.errors.Error as error:
         raise ReportError(f"W&B: {error} (the local report in {out} is complete)") from None
     try:
-        tables = {"report": _wandb_table(summary), "report_domains": _wandb_table(domains)}
+        tables = {name: _wandb_table(frame) for name, frame in frames.items() if frame.height}
         run.log({**tables, **{f"plots/{png.stem}": wandb.Image(str(png)) for png in pngs}})
         run_dir = Path(run.dir).parent
     finally:

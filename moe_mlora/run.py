@@ -433,6 +433,16 @@ def log_to_wandb(loggers: list[Logger], results: dict, domain_names: list[str]) 
         columns = ["domain"] + [f"expert{e}" for e in range(experts)]
         gate_rows = [[name, *weights] for name, weights in test["gate_weights"].items()]
         tables["test/gate_weights"] = wandb.Table(columns, gate_rows)
+        diagnostics = test["gate_diagnostics"]
+        run.summary["test/gate_own_weight"] = diagnostics["mean_own_weight"]
+        run.summary["test/gate_entropy"] = diagnostics["mean_entropy"]
+        tables["test/gate_diagnostics"] = wandb.Table(
+            ["domain", "own_weight", "entropy"],
+            [
+                [name, d["own_weight"], d["entropy"]]
+                for name, d in diagnostics["per_domain"].items()
+            ],
+        )
     run.log(tables)
     run_dir = Path(run.dir).parent
     if run.settings.mode == "offline" or getattr(run.settings, "_offline", False):

@@ -267,3 +267,34 @@ def test_wandb_offline_writes_a_run_folder_under_out(tmp_path, monkeypatch):
     offline = list((tmp_path / "out/wandb").glob("offline-run-*"))
     assert len(offline) == 1
     assert list(offline[0].glob("*.wandb"))
+
+
+def test_schedules_are_separate_groups_and_gate_diagnostics_are_reported(tmp_path):
+    """moe_mlora runs are grouped by schedule (moe_mlora/warm...); older runs stay moe_mlora."""
+    import json as json_module
+
+    for schedule, own in (("paper", 0.3), ("warm", 0.9), (None, 0.5)):
+        folder = write_run(tmp_path, "moe_mlora", 1, 0.75, (0.7, 0.6), experts=2)
+        record = json_module.loads((folder / "results.json").read_text())
+        if schedule is not None:
+            record["run"]["schedule"] = schedule
+        record["test"]["gate_diagnostics"] = {
+            "per_domain": {
+                "a": {"own_weight": own, "entropy": 0.1},
+                "b": {"own_weight": own - 0.2, "entropy": 0.3},
+            }
+        }
+        target = tmp_path / f"run-{schedule}"
+        target.mkdir()
+        (target / "results.json").write_text(json_module.dumps(record))
+        (folder / "results.json").unlink()
+        folder.rmdir()
+    runs = load_runs(find_results([tmp_path]))
+    methods = summarize(runs)["method"].to_list()
+    assert methods == ["moe_mlora", "moe_mlora/paper", "moe_mlora/warm"]
+    report = main([str(tmp_path), "--out", str(tmp_path / "report")])
+    assert report == 0
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "### Gate diagnostics" in text
+    assert "| deepfm | moe_mlora/warm e2 | 0.8000 | 0.200 | b (0.7000) |" in text
+    assert (tmp_path / "report" / "report_gate.csv").is_file()

@@ -367,3 +367,14 @@ def test_gate_diagnostics_report_own_expert_weight_and_entropy(cache_dir, tmp_pa
         own = sum(weights[name][e] for e in range(len(weights[name])) if e % len(domains) == d)
         assert row["own_weight"] == pytest.approx(own, abs=1e-6)
         assert 0.0 <= row["entropy"] <= math.log(len(weights[name])) + 1e-6
+
+
+def test_the_warm_schedules_first_phase_is_exactly_an_mlora_run(cache_dir, tmp_path):
+    """One expert per domain: same init, batches, dropout and updates as method=mlora."""
+    common = tiny(cache_dir, "checkpoint=false")
+    mlora = train_and_evaluate(compose([*common, "method=mlora"]), tmp_path / "mlora")
+    warm = train_and_evaluate(compose([*common, "method/schedule=warm"]), tmp_path / "warm")
+    assert warm["phases"][0]["best_val_wauc"] == mlora["phases"][0]["best_val_wauc"]
+    assert warm["phases"][0]["epochs"] == mlora["phases"][0]["epochs"]
+    kept = [phase["best_score"] for phase in warm["phases"] if phase["kept"]]
+    assert max(kept) >= mlora["phases"][0]["best_val_wauc"]  # later phases only add

@@ -505,14 +505,18 @@ class MoEAdapter(Adapter):
         self.num_experts = config.experts if config.experts is not None else num_domains
         gate = config.gate
         gate.check_experts(self.num_experts)
-        self.gate = Gate(
-            num_domains,
-            self.num_experts,
-            gate.embedding_dim,
-            tower_input_dim if gate.input == "domain_features" else 0,
-            gate.effective_top_k(self.num_experts),
-            anchored=gate.anchored,
-        )
+        # An anchored gate draws its init off the global random stream, so that the rest of
+        # the model (backbone, experts) starts exactly as MLoRA's with the same seed: with one
+        # expert per domain, a schedule's domain-routed phase then *is* an MLoRA run.
+        with torch.random.fork_rng(devices=[], enabled=gate.anchored):
+            self.gate = Gate(
+                num_domains,
+                self.num_experts,
+                gate.embedding_dim,
+                tower_input_dim if gate.input == "domain_features" else 0,
+                gate.effective_top_k(self.num_experts),
+                anchored=gate.anchored,
+            )
 
     def gate_weights(self, tower_input: Tensor, domain: Tensor) -> Tensor:
         return self.gate(domain, tower_input)
