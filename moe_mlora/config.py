@@ -23,8 +23,39 @@ def first_set(*values):
     return next((value for value in values if value is not None), None)
 
 
+# lora_reduce of the authors' configs, per dataset family and backbone (rank = out // it).
+REFERENCE_LORA_REDUCE = {
+    "taobao": {"wdl": 16, "nfm": 16, "autoint": 16, "pnn": 16, "dcn": 16, "xdeepfm": 16,
+               "deepfm": 256, "fibinet": 256},
+    "movielens": {"wdl": 16, "pnn": 16, "dcn": 16, "deepfm": 32, "fibinet": 32, "xdeepfm": 32,
+                  "nfm": 4, "autoint": 4},
+}  # fmt: skip
+DEFAULT_LORA_REDUCE = 32
+
+
+def reference_lora_reduce(model: str, source: str) -> int:
+    """``${reference_lora_reduce:${model.name},${data.source}}``: the authors' value, else 32.
+
+    Generated MovieLens-format data counts as MovieLens; a backbone or source the authors did
+    not run (mlp, your own table) gets the project's default.
+    """
+    family = "movielens" if "movielens" in source else source
+    return REFERENCE_LORA_REDUCE.get(family, {}).get(model, DEFAULT_LORA_REDUCE)
+
+
+def reference_embedding_dim(source: str) -> int:
+    """The authors' embedding width: 128 on Taobao (the pretrained vectors'), else 8."""
+    return 128 if source == "taobao" else 8
+
+
+def reference_project_pretrained(source: str) -> bool:
+    """False on Taobao: the authors feed the pretrained vectors as they are."""
+    return source != "taobao"
+
+
 def register_resolvers() -> None:
-    """``${interactive:}``, ``${run_suffix:}``, ``${first_set:...}``, ``${job_dirname:...}``.
+    """``${interactive:}``, ``${run_suffix:}``, ``${first_set:...}``, ``${job_dirname:...}``,
+    ``${reference_lora_reduce:MODEL,SOURCE}``.
 
     Safe to call twice.
     """
@@ -36,6 +67,13 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("job_dirname", job_dirname)
     if not OmegaConf.has_resolver("interactive"):
         OmegaConf.register_new_resolver("interactive", interactive)
+    for name, function in (
+        ("reference_lora_reduce", reference_lora_reduce),
+        ("reference_embedding_dim", reference_embedding_dim),
+        ("reference_project_pretrained", reference_project_pretrained),
+    ):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, function)
     if not OmegaConf.has_resolver("run_suffix"):
         OmegaConf.register_new_resolver("run_suffix", lambda: RUN_SUFFIX)
 

@@ -358,6 +358,7 @@ def build_results(cfg, module, datamodule, reports, test, wall_time, output_dir)
             "experts": module.model.num_experts if cfg.method.adapter.kind == "moe" else None,
         },
         "schedule": schedule_spec(cfg).to_json(),
+        "hyperparameters": hyperparameters(cfg, module),
         "data": datamodule.processed.summary(),
         "parameters": {
             **counts,
@@ -368,6 +369,18 @@ def build_results(cfg, module, datamodule, reports, test, wall_time, output_dir)
         "phases": [report.to_json() for report in reports],
         "test": metrics_to_json(test, datamodule.domain_names),
         "wall_time_s": wall_time,
+    }
+
+
+def hyperparameters(cfg: DictConfig, module: CTRModule) -> dict:
+    """The settings that differ between the project's defaults and the authors' configs."""
+    adapter = module.model.adapter_config
+    return {
+        "lora_reduce": adapter.lora_reduce if adapter.kind != "none" else None,
+        "lora_rank": adapter.lora_rank,
+        "embedding_dim": cfg.model.get("embedding_dim"),
+        "project_pretrained": cfg.data.get("project_pretrained"),
+        "freeze_pretrained": cfg.data.get("freeze_pretrained"),
     }
 
 

@@ -169,6 +169,7 @@ def _field_entry(spec: FieldSpec) -> dict[str, Any]:
         "name": spec.name,
         "vocab_size": int(spec.vocab_size),
         "freeze_pretrained": bool(spec.freeze_pretrained),
+        "project_pretrained": bool(spec.project_pretrained),
         "pretrained": None,
         "pretrained_dim": None,
     }
@@ -275,7 +276,11 @@ def _field_spec(entry: Mapping[str, Any]) -> FieldSpec:
     if pretrained is None and dim is not None:  # fine-tuned: the state dict fills it in
         pretrained = torch.zeros(int(entry["vocab_size"]), int(dim))
     return FieldSpec(
-        entry["name"], int(entry["vocab_size"]), pretrained, bool(entry["freeze_pretrained"])
+        entry["name"],
+        int(entry["vocab_size"]),
+        pretrained,
+        bool(entry["freeze_pretrained"]),
+        bool(entry.get("project_pretrained", True)),  # bundles written before the option
     )
 
 

@@ -378,3 +378,56 @@ def test_the_warm_schedules_first_phase_is_exactly_an_mlora_run(cache_dir, tmp_p
     assert warm["phases"][0]["epochs"] == mlora["phases"][0]["epochs"]
     kept = [phase["best_score"] for phase in warm["phases"] if phase["kept"]]
     assert max(kept) >= mlora["phases"][0]["best_val_wauc"]  # later phases only add
+
+
+# ---------------------------------------------------------------- reference hyperparameters
+@pytest.mark.parametrize(
+    ("model", "data", "reduce"),
+    [("deepfm", "taobao20", 256), ("dcn", "taobao20", 16), ("nfm", "movielens_age", 4),
+     ("xdeepfm", "movielens_gender", 32), ("wdl", "synthetic", 16), ("mlp", "taobao20", 32)],
+)  # fmt: skip
+def test_reference_hparams_recipe_sets_lora_reduce_per_backbone_and_data(model, data, reduce):
+    cfg = compose([f"model={model}", f"data={data}", "experiment=reference_hparams"])
+    assert cfg.method.adapter.lora_reduce == reduce
+    taobao = data.startswith("taobao")
+    assert cfg.model.embedding_dim == (128 if taobao else 8)
+    assert cfg.data.project_pretrained is (not taobao)
+
+
+def test_taobao_at_full_width_feeds_the_vectors_as_they_are(cache_dir, tmp_path):
+    overrides = [
+        "data=taobao10",
+        "data.generate_if_missing=true",
+        "data.generator.clicks=3000",
+        "data.generator.users=300",
+        "data.generator.items=200",
+        "data.generator.themes=10",
+        "model.hidden_units=[16]",
+        "trainer.max_epochs=1",
+        "method/schedule=warm",
+        "experiment=reference_hparams",
+        "logger.wandb.enabled=false",
+        "progress=false",
+        f"paths.cache_dir={cache_dir}",
+    ]
+    results = train_and_evaluate(compose(overrides), tmp_path)
+    assert results["hyperparameters"] == {
+        "lora_reduce": 256,
+        "lora_rank": None,
+        "embedding_dim": 128,
+        "project_pretrained": False,
+        "freeze_pretrained": True,
+    }
+    from moe_mlora.serving import load_model
+
+    model = load_model(tmp_path / "model.pt").model
+    user = model.embeddings.tables[0]
+    assert isinstance(user.proj, torch.nn.Identity)
+    assert model.tower.layers[0].linear.in_features == 3 * 128  # user + item + domain
+
+
+def test_full_width_with_a_narrow_embedding_is_a_clear_error():
+    from moe_mlora.models.features import PretrainedEmbedding
+
+    with pytest.raises(ValueError, match="set model.embedding_dim=128"):
+        PretrainedEmbedding(torch.zeros(5, 128), 8, project=False)

@@ -151,6 +151,8 @@ class MultiDomainDataModule(L.LightningDataModule):
         cache_dir: where processed splits and generated files are cached
             (``None``: the default cache folder).
         progress: progress bars while preprocessing (``None``: only on a terminal).
+        project_pretrained: False feeds pretrained vectors (Taobao's) to the model at their
+            own width, without the learned projection (``model.embedding_dim`` must match).
         **options: passed to the source (``root``, ``split_by``, ``features``...).
     """
 
@@ -163,6 +165,7 @@ class MultiDomainDataModule(L.LightningDataModule):
         shuffle_seed: int = 0,
         cache_dir: str | Path | None = None,
         progress: bool | None = None,
+        project_pretrained: bool = True,
         **options,
     ) -> None:
         super().__init__()
@@ -175,6 +178,7 @@ class MultiDomainDataModule(L.LightningDataModule):
         self.shuffle_seed = shuffle_seed
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.progress = progress
+        self.project_pretrained = bool(project_pretrained)
         self.options = options
         self.data: ProcessedData | None = None
 
@@ -183,6 +187,8 @@ class MultiDomainDataModule(L.LightningDataModule):
         if self.data is None:
             build = SOURCES[self.source]
             self.data = build(**self.options, cache_dir=self.cache_dir, progress=self.progress)
+            for spec in self.data.fields:  # a model-side choice, so not in the cache key
+                spec.project_pretrained = self.project_pretrained
         return self.data
 
     def setup(self, stage: str | None = None) -> None:

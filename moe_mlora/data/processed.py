@@ -30,13 +30,17 @@ class FieldSpec:
     ``0 .. vocab_size - 1``. ``pretrained`` optionally holds an embedding
     table of shape ``[vocab_size, dim]`` (row 0 for OOV), as Taobao's user and
     item vectors; ``freeze_pretrained`` says whether the model keeps it frozen
-    (the default) or fine-tunes it.
+    (the default) or fine-tunes it; ``project_pretrained`` whether a learned
+    linear map takes it to the model's embedding width (the default) or the
+    vectors go in as they are (the reference's full width, which needs
+    ``model.embedding_dim`` equal to their width).
     """
 
     name: str
     vocab_size: int
     pretrained: torch.Tensor | None = None
     freeze_pretrained: bool = True
+    project_pretrained: bool = True
 
     def describe(self) -> dict:
         dim = None if self.pretrained is None else int(self.pretrained.shape[1])

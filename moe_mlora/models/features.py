@@ -8,7 +8,9 @@ learned linear projection maps it to ``dim``, so every field has the same width
 and FM-style interactions between fields stay defined. A spec whose
 ``freeze_pretrained`` is False (Taobao's ``data.freeze_pretrained=false``)
 gets a trainable table initialised from the vectors instead, with the same
-projection.
+projection. ``project_pretrained`` False (``data.project_pretrained=false``)
+drops the projection: the vectors go in at full width, as the reference feeds
+them, and ``model.embedding_dim`` must equal their width.
 """
 
 from __future__ import annotations
@@ -37,14 +39,23 @@ class PretrainedEmbedding(nn.Module):
     from the vectors (fine-tuned with the backbone, counted and checkpointed).
     """
 
-    def __init__(self, table: Tensor, dim: int, freeze: bool = True) -> None:
+    def __init__(self, table: Tensor, dim: int, freeze: bool = True, project: bool = True) -> None:
         super().__init__()
         table = table.detach().float().clone()
         if freeze:
             self.register_buffer("table", table, persistent=False)
         else:
             self.table = nn.Parameter(table)
-        self.proj = nn.Linear(table.shape[1], dim, bias=False)
+        if project:
+            self.proj: nn.Module = nn.Linear(table.shape[1], dim, bias=False)
+        elif table.shape[1] == dim:
+            self.proj = nn.Identity()
+        else:
+            raise ValueError(
+                f"data.project_pretrained=false feeds the {table.shape[1]}-d pretrained vectors "
+                f"to the model as they are, so every field must be {table.shape[1]}-d: set "
+                f"model.embedding_dim={table.shape[1]} (it is {dim})"
+            )
 
     def forward(self, index: Tensor) -> Tensor:
         return self.proj(self.table[index])
@@ -89,7 +100,9 @@ class FieldEmbeddings(nn.Module):
         self.tables = nn.ModuleList(
             _learned_embedding(spec.vocab_size, dim)
             if spec.pretrained is None
-            else PretrainedEmbedding(spec.pretrained, dim, spec.freeze_pretrained)
+            else PretrainedEmbedding(
+                spec.pretrained, dim, spec.freeze_pretrained, spec.project_pretrained
+            )
             for spec in fields
         )
 
