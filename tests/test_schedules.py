@@ -429,5 +429,5 @@ def test_taobao_at_full_width_feeds_the_vectors_as_they_are(cache_dir, tmp_path)
 def test_full_width_with_a_narrow_embedding_is_a_clear_error():
     from moe_mlora.models.features import PretrainedEmbedding
 
-    with pytest.raises(ValueError, match="set model.embedding_dim=128"):
+    with pytest.raises(ValueError, match=r"set model\.embedding_dim=128"):
         PretrainedEmbedding(torch.zeros(5, 128), 8, project=False)
