@@ -124,7 +124,13 @@ def finished_results(output_dir: Path, cfg: DictConfig) -> dict | None:
 
 
 def run_name(cfg: DictConfig) -> str:
-    return f"{cfg.data.name}-{cfg.model.name}-{cfg.method.name}-s{cfg.seed}"
+    """``data-model-method-sSEED``; the method reads ``moe_mlora.warm`` for a schedule other
+    than the method's own one-phase one, so W&B names tell schedules apart."""
+    schedule = (cfg.method.get("schedule") or {}).get("name")
+    method = (
+        cfg.method.name if schedule in (None, cfg.method.name) else f"{cfg.method.name}.{schedule}"
+    )
+    return f"{cfg.data.name}-{cfg.model.name}-{method}-s{cfg.seed}"
 
 
 def run_fields(cfg: DictConfig) -> dict[str, Any]:
