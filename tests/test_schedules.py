@@ -65,6 +65,8 @@ def test_paper_base_and_mlora_schedules_reproduce_the_earlier_results_exactly(
         ["method/schedule=warm"],
         ["method/schedule=warm", "experts_per_domain=2"],
         ["method/schedule=warm", "experts=3"],
+        ["method/schedule=warm_no_gate"],
+        ["method/schedule=warm_no_finetune"],
         ["method/schedule=reference"],
         ["method/schedule=reference", "method.schedule.batches=single_domain", "experts=3"],
     ],
