@@ -46,6 +46,7 @@ RUN_SCHEMA = {
     **dict.fromkeys(OVERHEADS, pl.Float64),
     "adapter_overhead": pl.Int64,
     "wall_time_s": pl.Float64,
+    "seed": pl.Int64,
 }
 DOMAIN_SCHEMA = {
     **NAMES,
@@ -75,6 +76,9 @@ SUMMARY_COLUMNS = [
     "wauc_std",
     *METRICS[1:],
     "delta_wauc_vs_base",
+    "delta_wauc_vs_mlora",
+    "delta_wauc_vs_mlora_std",
+    "paired_seeds",
     *OVERHEADS,
     "wall_time_s",
 ]
@@ -160,6 +164,7 @@ def _run_row(record: dict) -> dict:
         "adapter_overhead_pct": parameters.get("adapter_overhead_pct"),
         "flops_overhead_pct": flops.get("overhead_pct"),
         "wall_time_s": record.get("wall_time_s"),
+        "seed": run.get("seed"),
     }
 
 
@@ -189,7 +194,27 @@ def summarize(runs: Iterable[dict]) -> pl.DataFrame:
     )
     delta = (pl.col("wauc_mean") - pl.col("base_wauc")).alias("delta_wauc_vs_base")
     groups = groups.join(base, on=["data", "model"], how="left").with_columns(delta)
+    groups = groups.join(paired_vs_mlora(runs), on=KEYS, how="left", nulls_equal=True)
     return _nan_for_missing(_sort_groups(groups).select(SUMMARY_COLUMNS))
+
+
+def paired_vs_mlora(runs: Iterable[dict]) -> pl.DataFrame:
+    """Per group: mean and sample std over seeds of (run's WAUC - MLoRA's WAUC, same seed).
+
+    Runs of one (data, model, seed) share the split and batch order, so the paired
+    difference removes the seed's own luck from the comparison; ``paired_seeds`` counts the
+    seeds that have both.
+    """
+    frame = runs_frame(runs)
+    mlora = frame.filter(pl.col("method") == "mlora").group_by("data", "model", "seed")
+    mlora = mlora.agg(pl.col("wauc").mean().alias("mlora_wauc"))
+    paired = frame.join(mlora, on=["data", "model", "seed"], how="inner")
+    difference = pl.col("wauc") - pl.col("mlora_wauc")
+    return paired.group_by(KEYS).agg(
+        difference.mean().alias("delta_wauc_vs_mlora"),
+        difference.std(ddof=1).alias("delta_wauc_vs_mlora_std"),
+        pl.len().alias("paired_seeds"),
+    )
 
 
 def domain_summary(runs: Iterable[dict]) -> pl.DataFrame:
@@ -316,6 +341,7 @@ def _group_cells(row: dict) -> dict[str, str]:
         "experts": NO_VALUE if row["experts"] is None else str(row["experts"]),
         "WAUC": f"{wauc} ({row['n']})",
         "Δ WAUC vs base": _number(row["delta_wauc_vs_base"], sign=True),
+        "Δ WAUC vs MLoRA (paired)": _paired(row),
         "mean domain AUC": _number(row["mean_auc"]),
         "AUC": _number(row["auc"]),
         "log loss": _number(row["logloss"]),
@@ -324,6 +350,16 @@ def _group_cells(row: dict) -> dict[str, str]:
         "FLOPs overhead": _percent(row["flops_overhead_pct"], sign=True),
         "wall time/run": wall if wall == NO_VALUE else f"{wall}s",
     }
+
+
+def _paired(row: dict) -> str:
+    """``+0.0016 ± 0.0004 (3)``: mean ± std of the per-seed differences, and their count."""
+    text = _number(row["delta_wauc_vs_mlora"], sign=True)
+    if text == NO_VALUE or row["method"] == "mlora":
+        return NO_VALUE
+    if not math.isnan(row["delta_wauc_vs_mlora_std"]):
+        text += f" ± {row['delta_wauc_vs_mlora_std']:.4f}"
+    return f"{text} ({row['paired_seeds']})"
 
 
 def _markdown_table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
@@ -352,6 +388,7 @@ GROUP_HEADERS = [
     "experts",
     "WAUC",
     "Δ WAUC vs base",
+    "Δ WAUC vs MLoRA (paired)",
     "mean domain AUC",
     "AUC",
     "log loss",
@@ -389,7 +426,9 @@ def markdown_report(
         "# MoE-MLoRA report",
         f"{len(runs)} runs ({len(done)} completed, {len(crashed)} failed) from {sources}.",
         "Groups are (data, model, method, experts) over seeds. WAUC: mean ± sample std (runs); "
-        "Δ WAUC vs base: against the base group of the same data and model; means skip NaN; "
+        "Δ WAUC vs base: against the base group of the same data and model; Δ WAUC vs MLoRA "
+        "(paired): mean ± std over seeds of the difference with the MLoRA run of the same "
+        "data, model and seed (number of seeds paired); means skip NaN; "
         f"{NO_VALUE}: no value.",
     ]
     parts += [f"> warning: group {line}" for line in mixed_overrides(runs)]

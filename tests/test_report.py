@@ -298,3 +298,19 @@ def test_schedules_are_separate_groups_and_gate_diagnostics_are_reported(tmp_pat
     assert "### Gate diagnostics" in text
     assert "| deepfm | moe_mlora/warm e2 | 0.8000 | 0.200 | b (0.7000) |" in text
     assert (tmp_path / "report" / "report_gate.csv").is_file()
+
+
+def test_paired_difference_against_mlora_is_per_seed(tmp_path):
+    for seed, (mlora, moe) in enumerate([(0.70, 0.71), (0.72, 0.74), (0.74, 0.75)], start=1):
+        write_run(tmp_path, "mlora", seed, mlora, (0.7, 0.6))
+        write_run(tmp_path, "moe_mlora", seed, moe, (0.7, 0.6), experts=2)
+    write_run(tmp_path, "base", 4, 0.60, (0.6, 0.5))  # no MLoRA run of seed 4: not paired
+    summary = summarize(load_runs(find_results([tmp_path])))
+    row = summary.filter(summary["method"] == "moe_mlora").row(0, named=True)
+    assert row["delta_wauc_vs_mlora"] == pytest.approx(0.04 / 3)
+    assert row["delta_wauc_vs_mlora_std"] == pytest.approx(0.005773503, rel=1e-6)
+    assert row["paired_seeds"] == 3
+    base = summary.filter(summary["method"] == "base").row(0, named=True)
+    assert math.isnan(base["delta_wauc_vs_mlora"])
+    main([str(tmp_path), "--out", str(tmp_path / "report")])
+    assert "| +0.0133 ± 0.0058 (3) |" in (tmp_path / "report" / "report.md").read_text()
