@@ -433,3 +433,26 @@ def test_full_width_with_a_narrow_embedding_is_a_clear_error():
 
     with pytest.raises(ValueError, match=r"set model\.embedding_dim=128"):
         PretrainedEmbedding(torch.zeros(5, 128), 8, project=False)
+
+
+@pytest.mark.parametrize("name", ["warm", "reference"])
+def test_a_run_crashed_before_its_last_phase_resumes_to_the_same_result(
+    name, cache_dir, tmp_path, monkeypatch
+):
+    """The run-wide best and the carried Adam state travel in the phase checkpoints."""
+    overrides = tiny(cache_dir, f"method/schedule={name}", "trainer.max_epochs=3")
+    uninterrupted = train_and_evaluate(compose(overrides), tmp_path / "once")
+    real_phase = Schedule.run_phase
+
+    def crash_at_phase_three(self, index, spec):
+        if index == 3:
+            raise RuntimeError("simulated crash")
+        return real_phase(self, index, spec)
+
+    monkeypatch.setattr(Schedule, "run_phase", crash_at_phase_three)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_and_evaluate(compose(overrides), tmp_path / "twice")
+    monkeypatch.undo()
+    resumed = train_and_evaluate(compose(overrides), tmp_path / "twice")
+    assert resumed["test"] == uninterrupted["test"]
+    assert [p["kept"] for p in resumed["phases"]] == [p["kept"] for p in uninterrupted["phases"]]
