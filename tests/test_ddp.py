@@ -227,7 +227,13 @@ def _worker(rank: int, port: int, cache_dir: str, weights: str, out: str) -> Non
     torch.set_num_threads(1)
     quiet_lightning()
     cfg = compose(
-        tiny(Path(cache_dir), "trainer=ddp", f"trainer.devices={WORLD}", "trainer.accelerator=cpu")
+        tiny(
+            Path(cache_dir),
+            "trainer=ddp",
+            f"trainer.devices={WORLD}",
+            "trainer.accelerator=cpu",
+            "method/schedule=paper",
+        )
     )
     datamodule, module = build(cfg)
     module.model.load_state_dict(torch.load(weights))
@@ -284,7 +290,9 @@ def test_two_processes_evaluate_exactly_like_one_and_train_identically(cache_dir
     import torch.multiprocessing as mp
 
     quiet_lightning()
-    cfg = compose(tiny(cache_dir, "trainer.accelerator=cpu", "trainer.max_epochs=1"))
+    cfg = compose(
+        tiny(cache_dir, "trainer.accelerator=cpu", "trainer.max_epochs=1", "method/schedule=paper")
+    )
     datamodule, module = build(cfg)
     Schedule(module, datamodule, make_trainer_factory(cfg), spec=PAPER).run()  # trained weights
     weights = tmp_path / "weights.pt"
@@ -323,7 +331,9 @@ def test_two_processes_evaluate_exactly_like_one_and_train_identically(cache_dir
 @pytest.mark.slow
 def test_command_line_ddp_run_completes_close_to_one_process(cache_dir, tmp_path):
     """``python -m moe_mlora.run trainer=ddp``: Lightning re-runs the command for rank 1."""
-    overrides = tiny(cache_dir, "method=moe_mlora", "trainer.accelerator=cpu")
+    overrides = tiny(
+        cache_dir, "method=moe_mlora", "method/schedule=paper", "trainer.accelerator=cpu"
+    )
     single = train_and_evaluate(compose(overrides), tmp_path / "single")
 
     command = [sys.executable, "-m", "moe_mlora.run", *overrides]

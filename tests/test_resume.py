@@ -27,7 +27,12 @@ from moe_mlora.training.module import CTRModule
 from moe_mlora.training.phases import Schedule
 
 # Enough rows and epochs that phase 2 lasts several epochs (a window to kill it in).
-RESUMABLE = ["data.ratings=12000", "trainer.max_epochs=6", "model.hidden_units=[64,32]"]
+RESUMABLE = [
+    "data.ratings=12000",
+    "trainer.max_epochs=6",
+    "model.hidden_units=[64,32]",
+    "method/schedule=paper",  # the checks below name the paper's phase 2 (experts)
+]
 
 
 def outcome(results: dict) -> dict:

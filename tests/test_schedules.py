@@ -51,6 +51,8 @@ def test_paper_base_and_mlora_schedules_reproduce_the_earlier_results_exactly(
 ):
     method, *extra = key.split()
     overrides = tiny(cache_dir, f"method={method}", "trainer.max_epochs=3", "checkpoint=false")
+    if method == "moe_mlora":
+        extra.append("method/schedule=paper")
     results = train_and_evaluate(compose([*overrides, *extra]), tmp_path)
     wauc, logloss = PINNED[key]
     assert results["test"]["wauc"] == pytest.approx(wauc, abs=1e-9)

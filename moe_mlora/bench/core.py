@@ -116,8 +116,8 @@ def bench_runs(root: Path, threads: int, experts: int, output: Path) -> list[dic
             "logger.wandb.enabled=false",
             "progress=false",
         ]
-        if method == "moe_mlora":
-            overrides.append(f"experts={experts}")
+        if method == "moe_mlora":  # the paper's phases: the figures in core_benchmark.md
+            overrides += [f"experts={experts}", "method/schedule=paper"]
         cfg = compose(overrides)
         results.append(train_and_evaluate(cfg, output / method))
     return results

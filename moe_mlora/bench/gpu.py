@@ -45,6 +45,7 @@ def overrides(args: argparse.Namespace, method: str, experts: int | None, batch:
         f"data.batch_size={batch}",
         "model=deepfm",
         f"method={method}",
+        *(["method/schedule=paper"] if method == "moe_mlora" else []),  # the measured phases
         f"trainer={trainer}",
         f"trainer.accelerator={args.accelerator}",
         f"trainer.precision={args.precision}",

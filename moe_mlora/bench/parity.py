@@ -572,8 +572,8 @@ def run_ours(
         "logger.wandb.enabled=false",
         "progress=false",
     ]
-    if experts:
-        overrides.append(f"experts={experts}")
+    if experts:  # the paper's three phases: the "all phases" figure of parity.md
+        overrides += [f"experts={experts}", "method/schedule=paper"]
     with contextlib.redirect_stdout(io.StringIO()):
         results = train_and_evaluate(compose(overrides), output)
     reported = results["phases"]

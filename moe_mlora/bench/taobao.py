@@ -117,7 +117,8 @@ def prep(argv: list[str]) -> None:
 def _overrides(method: str, themes: int) -> tuple[list[str], str]:
     if method.startswith("moe_mlora"):
         experts = themes * (2 if method.endswith("2N") else 1)
-        return ["method=moe_mlora", f"experts={experts}"], f"moe_mlora E={experts}"
+        overrides = ["method=moe_mlora", "method/schedule=paper", f"experts={experts}"]
+        return overrides, f"moe_mlora E={experts}"  # the paper's phases, as taobao.md reports
     return [f"method={method}"], method
 
 
