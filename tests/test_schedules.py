@@ -67,7 +67,7 @@ def test_paper_base_and_mlora_schedules_reproduce_the_earlier_results_exactly(
         ["method/schedule=warm"],
         ["method/schedule=warm", "experts_per_domain=2"],
         ["method/schedule=warm", "experts=3"],
-        ["method/schedule=warm_no_gate"],
+        ["method/schedule=warm_gate_phase"],
         ["method/schedule=warm_no_finetune"],
         ["method/schedule=reference"],
         ["method/schedule=reference", "method.schedule.batches=single_domain", "experts=3"],
@@ -151,7 +151,7 @@ def randomise_experts(model, seed: int = 1) -> None:
 
 @pytest.mark.parametrize(("domains", "experts"), [(3, 3), (3, 6), (4, 2)])
 def test_a_gate_at_own_experts_gives_exactly_the_domain_routed_model(domains, experts):
-    """Step 0 of the warm schedule's gate phase is the phase-1 (domain-routed) model."""
+    """Step 0 of the warm schedule's fine-tuning is the phase-1 (domain-routed) model."""
     model = moe_model(domains, experts, anchored=True)
     randomise_experts(model)
     model.tower.adapter.gate.reset_near_uniform()  # a gate far from own experts...
@@ -272,8 +272,8 @@ def test_keep_best_never_ends_below_the_best_phase(datamodule):
     from test_training import val_wauc
 
     warm = load_schedule("warm")
-    harmful = PhaseSpec("finetune", "mixture", ("backbone", "experts", "gate"), lr=0.5, best="run")
-    spec = ScheduleSpec("warm_harmful", (*warm.phases[:2], harmful), adapters=("moe",))
+    harmful = PhaseSpec("harmful", "mixture", ("backbone", "experts", "gate"), lr=0.5, best="run")
+    spec = ScheduleSpec("warm_harmful", (*warm.phases, harmful), adapters=("moe",))
     anchored = anchored_module(datamodule)
     schedule = Schedule(anchored, datamodule, make_trainer_factory(3), spec=spec, patience=2)
     reports = schedule.run()
@@ -293,7 +293,7 @@ def anchored_module(dm):
     return CTRModule(model, data.domain_names, lr=3e-3)
 
 
-@pytest.mark.parametrize("name", ["warm", "reference"])
+@pytest.mark.parametrize("name", ["warm", "warm_gate_phase", "reference"])
 def test_parameters_a_phase_declares_frozen_are_bit_identical_after_it(datamodule, name):
     module = anchored_module(datamodule)
     model = module.model
@@ -444,14 +444,15 @@ def test_a_run_crashed_before_its_last_phase_resumes_to_the_same_result(
     """The run-wide best and the carried Adam state travel in the phase checkpoints."""
     overrides = tiny(cache_dir, f"method/schedule={name}", "trainer.max_epochs=3")
     uninterrupted = train_and_evaluate(compose(overrides), tmp_path / "once")
+    last = len(load_schedule(name).phases)
     real_phase = Schedule.run_phase
 
-    def crash_at_phase_three(self, index, spec):
-        if index == 3:
+    def crash_at_the_last_phase(self, index, spec):
+        if index == last:
             raise RuntimeError("simulated crash")
         return real_phase(self, index, spec)
 
-    monkeypatch.setattr(Schedule, "run_phase", crash_at_phase_three)
+    monkeypatch.setattr(Schedule, "run_phase", crash_at_the_last_phase)
     with pytest.raises(RuntimeError, match="simulated crash"):
         train_and_evaluate(compose(overrides), tmp_path / "twice")
     monkeypatch.undo()
