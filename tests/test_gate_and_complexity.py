@@ -210,7 +210,10 @@ def test_yaml_gate_errors_are_config_errors(overrides: list[str], message: str) 
 
 def test_yaml_gate_block_maps_to_the_adapter_config() -> None:
     defaults = adapter_config(compose([]), num_domains=7).gate
-    assert defaults == GateConfig(input="domain", embedding_dim=8, top_k=None)
+    # the default schedule (warm) starts the gate at own experts: an anchored gate
+    assert defaults == GateConfig(input="domain", embedding_dim=8, top_k=None, anchored=True)
+    paper = adapter_config(compose(["method/schedule=paper"]), num_domains=7).gate
+    assert paper == GateConfig(input="domain", embedding_dim=8, top_k=None, anchored=False)
     cfg = compose(
         ["method.adapter.gate.top_k=2", "method.adapter.gate.balance_loss_weight=0.01", "experts=4"]
     )
