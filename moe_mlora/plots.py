@@ -57,13 +57,19 @@ def write_plots(
             plot_wauc_vs_experts(summary, data, out / f"wauc_vs_experts_{name}.png"),
             plot_domain_auc(domains, data, out / f"domain_auc_{name}.png"),
         ]
-        keys = gates.filter(pl.col("data") == data).select("model", "experts")
-        for model, experts in keys.unique(maintain_order=True).iter_rows():
+        keys = gates.filter(pl.col("data") == data).select("model", "method", "experts")
+        for model, method, experts in keys.unique(maintain_order=True).iter_rows():
             rows = gates.filter(
-                pl.col("data") == data, pl.col("model") == model, pl.col("experts") == experts
+                pl.col("data") == data,
+                pl.col("model") == model,
+                pl.col("method") == method,
+                pl.col("experts") == experts,
             )
-            path = out / f"gate_weights_{name}_{safe_name(model)}_e{experts}.png"
-            paths.append(plot_gate_weights(rows, f"{data} · {model} · {experts} experts", path))
+            schedule = method.partition("/")[2]  # moe_mlora/warm -> warm; plain moe_mlora: none
+            label = f"_{safe_name(schedule)}" if schedule else ""
+            path = out / f"gate_weights_{name}_{safe_name(model)}{label}_e{experts}.png"
+            title = f"{data} · {model} · {method} · {experts} experts"
+            paths.append(plot_gate_weights(rows, title, path))
         plots[data] = [path for path in paths if path is not None]
     return plots
 

@@ -459,3 +459,14 @@ def test_a_run_crashed_before_its_last_phase_resumes_to_the_same_result(
     resumed = train_and_evaluate(compose(overrides), tmp_path / "twice")
     assert resumed["test"] == uninterrupted["test"]
     assert [p["kept"] for p in resumed["phases"]] == [p["kept"] for p in uninterrupted["phases"]]
+
+
+def test_mlora_finetune_control_starts_as_mlora_and_never_ends_below_it(cache_dir, tmp_path):
+    common = tiny(cache_dir, "checkpoint=false", "method=mlora")
+    mlora = train_and_evaluate(compose(common), tmp_path / "mlora")
+    tuned = train_and_evaluate(
+        compose([*common, "method/schedule=mlora_finetune"]), tmp_path / "tuned"
+    )
+    assert tuned["phases"][0]["best_val_wauc"] == mlora["phases"][0]["best_val_wauc"]
+    kept = [phase["best_score"] for phase in tuned["phases"] if phase["kept"]]
+    assert max(kept) >= mlora["phases"][0]["best_val_wauc"]
