@@ -80,7 +80,7 @@ class BestWeights(L.Callback):
 
     @property
     def improved(self) -> bool:
-        """Whether some epoch beat the score to beat (always, once an epoch scored, if none)."""
+        """Whether an epoch beat ``to_beat`` (with nothing to beat: whether any epoch scored)."""
         return self._saved is not None
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
