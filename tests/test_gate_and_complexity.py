@@ -269,6 +269,7 @@ def test_results_json_reports_complexity_and_the_balance_loss(tmp_path: Path) ->
             "experts=4",
             "method.adapter.gate.top_k=2",
             "method.adapter.gate.balance_loss_weight=0.1",
+            "method/schedule=paper",  # a plain gate: at most top_k experts per row
         ]
     )
     train_and_evaluate(cfg, tmp_path)

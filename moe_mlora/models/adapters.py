@@ -54,8 +54,9 @@ class GateConfig:
     (:func:`balance_loss`) added to the gate phase's loss; 0 turns it off.
     ``anchored``: the gate's weights are ``own_d + s_d (softmax(...) - own_d)``,
     ``own_d`` the domain's own-expert routing and ``s_d`` a learned per-domain
-    share that starts at 0 (see :class:`Gate`). Schedules that start the gate at the
-    own-expert routing (``init: gate_own_experts``) turn it on themselves.
+    share that starts at 0 (see :class:`Gate`); ``top_k`` then applies to the softmax
+    part, so a row may use its own experts besides the k chosen. Schedules that start
+    the gate at the own-expert routing (``init: gate_own_experts``) turn it on themselves.
     """
 
     input: str = "domain"
