@@ -2,7 +2,7 @@
 # The schedules study (experiments/schedules.md): base, MLoRA and the MoE-MLoRA schedules on
 # generated Taobao-20 (300k clicks) and the real MovieLens-100K, seeds 1-3, then the reports.
 # Usage: experiments/schedules_study.sh STUDY_DIR [ML100K_DIR]   (from the repository root)
-# About 3 hours on 2 CPU cores; rerunning skips every run that already has its results.json.
+# About 2.5 hours on 2 CPU cores; rerunning skips every run that already has its results.json.
 set -euo pipefail
 study=${1:?usage: $0 STUDY_DIR [ML100K_DIR]}
 ml100k=${2:-../shared/data/ml-100k}
@@ -27,17 +27,13 @@ for seed in 1 2 3; do
     for schedule in warm paper reference warm_no_finetune warm_gate_phase; do
         taobao_run "${schedule}_s$seed" method=moe_mlora method/schedule=$schedule seed=$seed
     done
+    taobao_run "mlora_finetune_s$seed" method=mlora method/schedule=mlora_finetune seed=$seed
 done
 
-# MovieLens-100K: gender / age / occupation x DeepFM, DCN (2 jobs x 1 thread)
-ml="data.root=$ml100k $quiet hydra/launcher=parallel hydra.sweep.dir=$study/ml100k"
-splits=data=movielens_gender,movielens_age,movielens_occupation
-$python -m moe_mlora.run -m $splits model=deepfm,dcn method=base,mlora seed=1,2,3 $ml
-$python -m moe_mlora.run -m $splits model=deepfm,dcn method/schedule=warm,paper seed=1,2,3 $ml
-# experts per domain (k = 2, 4; k = 1 is the run above) for warm, DeepFM
-$python -m moe_mlora.run -m $splits model=deepfm method/schedule=warm experts_per_domain=2,4 \
-    seed=1,2,3 data.root="$ml100k" $quiet hydra/launcher=parallel hydra.sweep.dir="$study/ml100k_k"
+# MovieLens-100K: gender / age / occupation x DeepFM x MLoRA and MoE-MLoRA (warm), seeds 1-3
+# (2 jobs x 1 thread); the recipe supplies the MovieLens data config that data.root belongs to
+$python -m moe_mlora.run -m experiment=paper_movielens model=deepfm method=mlora,moe_mlora \
+    data.root="$ml100k" $quiet hydra/launcher=parallel hydra.sweep.dir="$study/ml100k"
 
 $python -m moe_mlora.report "$study/runs" --out experiments/results/schedules/taobao20
 $python -m moe_mlora.report "$study/ml100k" --out experiments/results/schedules/ml100k
-$python -m moe_mlora.report "$study/ml100k" "$study/ml100k_k" --out experiments/results/schedules/ml100k_experts
