@@ -119,7 +119,9 @@ def test_cli_run_writes_config_results_csv_and_offline_wandb(cache_dir, tmp_path
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / ".hydra" / "config.yaml").exists()
     assert json.loads((out / "results.json").read_text())["status"] == "completed"
-    assert (out / "csv" / "metrics.csv").read_text().count("phase3/val/wauc") == 1  # header
+    header = (out / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert header.count("phase2/val/wauc") == 1  # the default schedule's (warm) last phase
+    assert "phase1/val/wauc" in header and "phase3/val/wauc" not in header
     offline_runs = list((out / "wandb").glob("offline-run-*"))
     assert len(offline_runs) == 1
     assert "wandb sync" in result.stdout + result.stderr
