@@ -35,5 +35,13 @@ done
 $python -m moe_mlora.run -m experiment=paper_movielens model=deepfm method=mlora,moe_mlora \
     data.root="$ml100k" $quiet hydra/launcher=parallel hydra.sweep.dir="$study/ml100k"
 
+# experts per domain (k = 2, 4; k = 1 is the run above) for warm, DeepFM
+for split in movielens_gender movielens_age movielens_occupation; do
+    $python -m moe_mlora.run -m experiment=experts_per_domain data=$split data.root="$ml100k" \
+        model=deepfm experts_per_domain=2,4 $quiet hydra/launcher=parallel \
+        hydra.sweep.dir="$study/ml100k_k/$split"
+done
+
 $python -m moe_mlora.report "$study/runs" --out experiments/results/schedules/taobao20
 $python -m moe_mlora.report "$study/ml100k" --out experiments/results/schedules/ml100k
+$python -m moe_mlora.report "$study/ml100k" "$study/ml100k_k" --out experiments/results/schedules/ml100k_experts
