@@ -13,6 +13,10 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 RUN_SUFFIX = f"{os.getpid():x}{secrets.token_hex(2)}"
 
 
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key and the fix."""
+
+
 def interactive() -> bool:
     """Progress bars only where a person watches: a terminal, and not CI."""
     return sys.stderr.isatty() and not os.environ.get("CI")

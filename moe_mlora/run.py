@@ -14,14 +14,19 @@ config), ``results.json``, ``csv/metrics.csv`` and a W&B run (offline unless
 
 from __future__ import annotations
 
+import errno
 import inspect
 import json
 import logging
 import math
 import os
+import shlex
+import signal
 import sys
 import time
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import hydra
@@ -35,17 +40,24 @@ from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
 from moe_mlora.allocator import configure_allocator
-from moe_mlora.config import CONF_DIR, check_conf_dir, register_resolvers
+from moe_mlora.config import CONF_DIR, ConfigError, check_conf_dir, register_resolvers
 from moe_mlora.data.device import place_on_gpu
 from moe_mlora.data.processed import DataError
 from moe_mlora.distributed import barrier, externally_launched, is_global_zero
 from moe_mlora.metrics import format_domain_table
 from moe_mlora.models import AdapterConfig, build_model
 from moe_mlora.models.complexity import complexity
+from moe_mlora.runfolder import (
+    FolderRefused,
+    StorageError,
+    finished_job,
+    keep_hydra_record,
+    owning,
+    restore_hydra_record,
+)
 from moe_mlora.serving import save_model
 from moe_mlora.sweep import (
     config_fingerprint,
-    finished_results,
     is_multirun,
     job_threads,
     run_fields,
@@ -60,10 +72,6 @@ from moe_mlora.training.phases import PhaseReport, Schedule, metrics_to_json
 from moe_mlora.training.schedules import ScheduleError, ScheduleSpec
 
 log = logging.getLogger("moe_mlora")
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the key and the fix."""
 
 
 # ------------------------------------------------------------------- building
@@ -498,13 +506,22 @@ def check_resume(cfg: DictConfig) -> None:
 
 
 def run_single(cfg: DictConfig, output_dir: Path) -> dict:
-    """One run (not a sweep job): a finished run given to resume= is reported, not rerun."""
+    """One run (not a sweep job): a finished run in its folder is reported, not rerun.
+
+    ``rerun=true`` trains a finished run of the same config again; a finished run of
+    another config is never overwritten (FolderRefused).
+    """
     check_resume(cfg)
-    finished = finished_results(output_dir, cfg) if cfg.get("resume") else None
-    if finished is not None:
-        print(f"{output_dir} already completed: test WAUC {finished['test']['wauc']:.4f}")
-        return finished
-    return train_and_evaluate(cfg, output_dir)
+    with owning(output_dir):
+        finished = finished_job(output_dir, config_fingerprint(cfg))
+        if finished is not None and not cfg.get("rerun", False):
+            restore_hydra_record(output_dir)
+            print(
+                f"{output_dir} already completed: test WAUC {finished['test']['wauc']:.4f} "
+                "(rerun=true trains it again)"
+            )
+            return finished
+        return train_and_evaluate(cfg, output_dir)
 
 
 def train_and_evaluate(cfg: DictConfig, output_dir: Path) -> dict:
@@ -515,6 +532,12 @@ def train_and_evaluate(cfg: DictConfig, output_dir: Path) -> dict:
     quiet_lightning()
     check_trainer(cfg)
     schedule_spec(cfg)  # a bad schedule fails before any data is read
+    with owning(output_dir):
+        keep_hydra_record(output_dir)
+        return _train_and_evaluate(cfg, output_dir)
+
+
+def _train_and_evaluate(cfg: DictConfig, output_dir: Path) -> dict:
     start = time.perf_counter()
     output_dir.mkdir(parents=True, exist_ok=True)
     threads = job_threads(cfg)
@@ -573,12 +596,17 @@ def train_and_evaluate(cfg: DictConfig, output_dir: Path) -> dict:
 
 
 def write_results(loggers, output_dir: Path, results: dict, module, cfg, datamodule) -> None:
-    """results.json, model.pt, the W&B summary and the loggers' files (global rank 0's job)."""
-    write_json_atomically(output_dir / "results.json", results)
+    """model.pt, the W&B summary, the loggers' files, then results.json (global rank 0's job).
+
+    results.json is the commit marker, so it comes last: a kill before it leaves a run that
+    resumes from its checkpoints (cleared only after it), never a "completed" run without
+    its model.
+    """
     save_model(output_dir / "model.pt", module, cfg, datamodule.processed)
     log_to_wandb(loggers, results, datamodule.domain_names)
     for logger in loggers:
         logger.save()
+    write_json_atomically(output_dir / "results.json", results)
 
 
 register_resolvers()
@@ -587,23 +615,89 @@ register_resolvers()
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float | None:
     output_dir = Path(HydraConfig.get().runtime.output_dir)
-    if is_multirun():
-        return run_sweep_job(cfg, output_dir, train_and_evaluate, write_json_atomically)
-    try:
-        results = run_single(cfg, output_dir)
-    except (DataError, ConfigError, CheckpointError) as error:
-        (output_dir / "error.txt").write_text(f"{type(error).__name__}: {error}\n")
-        print(f"moe_mlora: error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except FloatingPointError as error:
-        (output_dir / "error.txt").write_text(f"{type(error).__name__}: {error}\n")
+    with watching_interrupts() as interrupted:
+        try:
+            if is_multirun():
+                return run_sweep_job(cfg, output_dir, train_and_evaluate, write_json_atomically)
+            return run_single(cfg, output_dir)["test"]["wauc"]
+        except BaseException as error:
+            exit_for(error, output_dir, interrupted())
+    return None
+
+
+# Writing errors a user fixes outside the program (free space, permissions), then resumes.
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
+
+
+def exit_for(error: BaseException, output_dir: Path, interrupted: bool) -> None:
+    """End the process with one line for what a user can fix; re-raise anything else.
+
+    Exit status 2 for a user's mistake or a full disk, 1 for a non-finite loss, 130 for
+    Ctrl-C. The message says what to do next, with the exact command to continue.
+    """
+    if interrupted and isinstance(error, (KeyboardInterrupt, SystemExit)):
+        print(f"\nmoe_mlora: interrupted. {how_to_continue(output_dir)}", file=sys.stderr)
+        sys.exit(130)
+    if isinstance(error, FolderRefused):  # not this run's folder: write nothing into it
+        fail(f"moe_mlora: error: {error}", 2)
+    if isinstance(error, (DataError, ConfigError, CheckpointError)):
+        record_error(output_dir, error)
+        fail(f"moe_mlora: error: {error}", 2)
+    if isinstance(error, StorageError) or (
+        isinstance(error, OSError) and error.errno in STORAGE_ERRNOS
+    ):
+        fail(f"moe_mlora: error: {error}. Free space, then: {how_to_continue(output_dir)}", 2)
+    if isinstance(error, FloatingPointError):
+        record_error(output_dir, error)
         kept = output_dir / CHECKPOINT_DIR
-        print(
-            f"moe_mlora: error: {error}; the last good checkpoint is kept in {kept}",
-            file=sys.stderr,
+        fail(f"moe_mlora: error: {error}; the last good checkpoint is kept in {kept}", 1)
+    raise error
+
+
+def fail(message: str, status: int) -> None:
+    print(message, file=sys.stderr)
+    sys.exit(status)
+
+
+def record_error(output_dir: Path, error: BaseException) -> None:
+    """``error.txt`` in the run folder, when it can be written."""
+    with suppress(OSError):
+        (output_dir / "error.txt").write_text(f"{type(error).__name__}: {error}\n")
+
+
+def how_to_continue(output_dir: Path) -> str:
+    """The command that continues this run (or sweep) where it stopped."""
+    if is_multirun():
+        sweep_dir = HydraConfig.get().sweep.dir
+        return (
+            "Continue the sweep by running the same command with "
+            f"hydra.sweep.dir={sweep_dir}: finished jobs are skipped, interrupted ones resume"
         )
-        sys.exit(1)
-    return results["test"]["wauc"]
+    if not (output_dir / CHECKPOINT_DIR).is_dir():
+        return "No epoch had ended, so there is nothing to resume: run the command again"
+    overrides = [o for o in task_overrides() if not o.startswith(("resume=", "rerun="))]
+    command = shlex.join(["python", "-m", "moe_mlora.run", *overrides, f"resume={output_dir}"])
+    return f"Checkpoints are kept in {output_dir / CHECKPOINT_DIR}; continue with:\n  {command}"
+
+
+@contextmanager
+def watching_interrupts() -> Iterator[Callable[[], bool]]:
+    """Note a Ctrl-C (SIGINT) before Lightning turns it into ``sys.exit(1)``."""
+    seen = []
+
+    def on_interrupt(signum, frame):
+        seen.append(signum)
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGINT, on_interrupt)
+    except ValueError:  # not the main thread (a launcher's worker): leave SIGINT alone
+        yield lambda: False
+        return
+    try:
+        yield lambda: bool(seen)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 if __name__ == "__main__":

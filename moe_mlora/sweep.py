@@ -31,6 +31,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from moe_mlora.distributed import is_global_zero
+from moe_mlora.runfolder import FolderRefused, finished_job, owning, restore_hydra_record
 from moe_mlora.training.checkpoints import CHECKPOINT_DIR
 
 log = logging.getLogger("moe_mlora")
@@ -106,23 +107,6 @@ def read_results(path: Path) -> dict | None:
         return None
 
 
-def finished_results(output_dir: Path, cfg: DictConfig) -> dict | None:
-    """The completed results of this same job in its folder, if an earlier sweep left them."""
-    results = read_results(output_dir / "results.json")
-    if not results or results.get("status") != "completed":
-        return None
-    earlier = results.get("run", {}).get("config_fingerprint")
-    if earlier != config_fingerprint(cfg):
-        log.warning(
-            "%s holds results of a different config (fingerprint %s, now %s); running again",
-            output_dir,
-            earlier,
-            config_fingerprint(cfg),
-        )
-        return None
-    return results
-
-
 def run_name(cfg: DictConfig) -> str:
     """``data-model-method-sSEED``; the method reads ``moe_mlora.warm`` for a schedule other
     than the method's own one-phase one, so W&B names tell schedules apart."""
@@ -169,12 +153,29 @@ def run_sweep_job(
     train: Callable[[DictConfig, Path], dict],
     write_json: Callable[[Path, dict], None],
 ) -> float | None:
-    """One multirun job: skip it if finished, else train; a failure is recorded, not raised."""
-    previous = finished_results(output_dir, cfg)
-    if previous is not None and not cfg.get("rerun", False):
-        log.info("skipping %s: results.json is complete (rerun=true runs it again)", output_dir)
-        print(f"skipped (finished earlier): {output_dir}")
-        return previous["test"]["wauc"]
+    """One multirun job: skip it if finished, else train; a failure is recorded, not raised.
+
+    A folder held by another process, or holding another config's finished run, is left
+    untouched: the job is refused with one line and the sweep goes on.
+    """
+    try:
+        with owning(output_dir):
+            previous = finished_job(output_dir, config_fingerprint(cfg))
+            if previous is not None and not cfg.get("rerun", False):
+                restore_hydra_record(output_dir)
+                log.info(
+                    "skipping %s: results.json is complete (rerun=true runs it again)", output_dir
+                )
+                print(f"skipped (finished earlier): {output_dir}")
+                return previous["test"]["wauc"]
+            return _train_job(cfg, output_dir, train, write_json)
+    except FolderRefused as error:
+        log.error("job refused: %s", error)
+        print(f"moe_mlora: job refused: {error}")
+        return None
+
+
+def _train_job(cfg, output_dir: Path, train, write_json) -> float | None:
     if cfg.get("rerun", False):
         shutil.rmtree(output_dir / CHECKPOINT_DIR, ignore_errors=True)  # start afresh
     start = time.perf_counter()
@@ -183,9 +184,12 @@ def run_sweep_job(
     except Exception as error:
         record = failure_record(cfg, output_dir, error, time.perf_counter() - start)
         if is_global_zero():  # under DDP (a multi-task SLURM job) one writer
-            output_dir.mkdir(parents=True, exist_ok=True)
-            write_json(output_dir / "results.json", record)
-            (output_dir / "error.txt").write_text(record["error"]["traceback"])
+            try:
+                output_dir.mkdir(parents=True, exist_ok=True)
+                (output_dir / "error.txt").write_text(record["error"]["traceback"])
+                write_json(output_dir / "results.json", record)
+            except OSError as write_error:  # a full disk: say so, the sweep still goes on
+                log.error("could not record the failure in %s: %s", output_dir, write_error)
         log.error("job failed (%s: %s); the sweep goes on", type(error).__name__, error)
         print(f"moe_mlora: job failed: {type(error).__name__}: {error} ({output_dir})")
         return None

@@ -97,9 +97,15 @@ def completed_results(cfg: DictConfig) -> dict:
     }
 
 
+def finish(folder, cfg: DictConfig) -> None:
+    """A finished run's two artifacts: model.pt, then results.json (the commit marker)."""
+    (folder / "model.pt").write_bytes(b"model")
+    write_json_atomically(folder / "results.json", completed_results(cfg))
+
+
 def test_a_finished_job_is_skipped_unless_rerun(tmp_path):
     cfg = compose(["seed=1"])
-    write_json_atomically(tmp_path / "results.json", completed_results(cfg))
+    finish(tmp_path, cfg)
     calls = []
 
     def train(cfg, output_dir):
@@ -112,16 +118,29 @@ def test_a_finished_job_is_skipped_unless_rerun(tmp_path):
     assert calls == [tmp_path]
 
 
-def test_results_of_another_config_in_the_folder_are_not_taken_as_finished(tmp_path):
-    write_json_atomically(tmp_path / "results.json", completed_results(compose(["seed=2"])))
+def test_a_finished_run_of_another_config_is_refused_and_left_untouched(tmp_path, capsys):
+    finish(tmp_path, compose(["seed=2"]))
+    before = (tmp_path / "results.json").read_text()
     calls = []
 
     def train(cfg, output_dir):
         calls.append(output_dir)
         return {"test": {"wauc": 0.8}}
 
-    assert run_sweep_job(compose(["seed=1"]), tmp_path, train, write_json_atomically) == 0.8
-    assert calls == [tmp_path]
+    for rerun in ("false", "true"):
+        cfg = compose(["seed=1", f"rerun={rerun}"])
+        assert run_sweep_job(cfg, tmp_path, train, write_json_atomically) is None
+    assert calls == []
+    assert (tmp_path / "results.json").read_text() == before
+    assert "job refused" in capsys.readouterr().out
+
+
+def test_results_without_their_model_are_not_a_finished_run(tmp_path):
+    write_json_atomically(tmp_path / "results.json", completed_results(compose(["seed=1"])))
+    trained = run_sweep_job(
+        compose(["seed=1"]), tmp_path, lambda c, o: {"test": {"wauc": 0.8}}, write_json_atomically
+    )
+    assert trained == 0.8
 
 
 def test_a_crashing_job_is_recorded_as_failed_and_does_not_raise(tmp_path):

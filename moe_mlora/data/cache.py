@@ -8,7 +8,10 @@ every raw file, so editing or replacing a raw file invalidates the entry.
 
 Entries are written to a temporary directory beside the final one and renamed
 into place, so a crash never leaves a half-written entry under the final name;
-an entry that still fails to load (disk trouble, manual edits) is rebuilt.
+an entry that still fails to load (disk trouble, manual edits) is rebuilt. A
+staging folder left by a killed build is removed by a later build on the same
+host once its process is gone (or by any build a day later). A cache that cannot
+be written (a full or read-only disk) is a warning: the run goes on uncached.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -67,7 +72,8 @@ def write_atomically(target: Path, write: Callable[[Path], object]) -> bool:
     ours discarded. Returns whether ours was placed.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    remove_stale_staging(target.parent)
+    staging = Path(tempfile.mkdtemp(prefix=staging_prefix(target.name), dir=target.parent))
     try:
         write(staging)
         try:
@@ -79,6 +85,49 @@ def write_atomically(target: Path, write: Callable[[Path], object]) -> bool:
         return True
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+STAGING_MARK = ".tmp-"
+STALE_AFTER_S = 24 * 3600  # a staging folder this old is abandoned, whoever made it
+
+
+def host_tag() -> str:
+    """This host's name with no ``-`` (the separator of :func:`staging_prefix`)."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:40]
+
+
+def staging_prefix(name: str) -> str:
+    """``.<name>.tmp-<host>-<pid>-``: who builds it, so a later build can tell it was killed."""
+    return f".{name}{STAGING_MARK}{host_tag()}-{os.getpid()}-"
+
+
+def remove_stale_staging(folder: Path) -> None:
+    """Remove staging folders of builds that were killed: this host's dead pids, or a day old."""
+    host = host_tag()
+    for path in folder.glob(f".*{STAGING_MARK}*"):
+        owner = path.name.rpartition(STAGING_MARK)[2].split("-")
+        try:
+            old = time.time() - path.stat().st_mtime > STALE_AFTER_S
+        except OSError:
+            continue
+        dead = (
+            len(owner) >= 2 and owner[0] == host and owner[1].isdigit() and not alive(int(owner[1]))
+        )
+        if old or dead:
+            log.info("removing %s, left by an interrupted cache build", path)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def generated_dir(cache_dir: Path, prefix: str, params: dict) -> Path:
@@ -139,6 +188,7 @@ def load_or_build(
     data = build()
     try:
         _store(entry, data, key, raw_files)
-    except OSError as err:
-        log.warning("could not write cache entry %s: %s", entry, err)
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        log.warning("could not write cache entry %s (%s); going on uncached", entry, reason)
     return data

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from moe_mlora.distributed import all_gather_object, barrier, is_global_zero, process_slot
+from moe_mlora.runfolder import writing
 
 log = logging.getLogger("moe_mlora")
 
@@ -42,17 +43,37 @@ class CheckpointError(ValueError):
 
 
 def rng_state() -> dict[str, Any]:
-    """Every global random-number state a training step can draw from (dropout, numpy)."""
+    """Every global random-number state a training step can draw from (dropout, numpy).
+
+    Tensors and plain types only, so a checkpoint loads with ``weights_only=True``: numpy's
+    state is a tuple holding an ndarray, stored here as a tensor and its scalars.
+    """
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "position": int(position),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
         "python": random.getstate(),
     }
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    numpy_state = state["numpy"]
+    np.random.set_state(
+        (
+            numpy_state["kind"],
+            numpy_state["keys"].numpy().astype(np.uint32),
+            numpy_state["position"],
+            numpy_state["has_gauss"],
+            numpy_state["cached_gaussian"],
+        )
+    )
     random.setstate(state["python"])
 
 
@@ -75,22 +96,41 @@ def restore_rng(record: dict[str, Any]) -> None:
 
 
 def save_atomically(payload: dict, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """torch.save to a temporary file in the same folder, then rename it over ``path``.
+
+    A failed write (a full disk) leaves the previous ``path`` as it was and no temporary
+    file, and raises StorageError naming ``path``.
+    """
     staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(payload, staging)
-    os.replace(staging, path)
+    try:
+        with writing(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(payload, staging)
+            os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)
 
 
 def load_checkpoint_file(path: Path) -> dict:
-    """A checkpoint's content on the CPU; a corrupt file is a CheckpointError, not a torch trace."""
+    """A checkpoint's content on the CPU, loaded as weights only: nothing in it can run code.
+
+    Our checkpoints hold tensors and plain containers alone (see :func:`rng_state`), so
+    ``weights_only=True`` reads them. A file that asks to build any other object (a planted
+    pickle), or is corrupt, is a CheckpointError naming it, not a torch traceback.
+    """
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise CheckpointError(
-            f"{path} is not a readable checkpoint ({type(error).__name__}: {error}); delete it "
-            "to restart that phase from its beginning"
+            f"{path} is not a readable checkpoint ({loading_error_gist(error)}); it was not "
+            "run. Delete it to restart that phase from its beginning"
         ) from error
+
+
+def loading_error_gist(error: Exception) -> str:
+    """The first line of a torch loading error: its full text lists internals, not the fix."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
 
 
 class RunCheckpoints:
@@ -191,10 +231,15 @@ class EpochCheckpoint(L.Callback):
         if trainer.sanity_checking:
             return
         staging = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        trainer.save_checkpoint(staging, weights_only=False)
-        if trainer.is_global_zero:
-            os.replace(staging, self.path)
+        try:
+            with writing(self.path):
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                trainer.save_checkpoint(staging, weights_only=False)
+                if trainer.is_global_zero:
+                    os.replace(staging, self.path)
+        finally:
+            if trainer.is_global_zero:
+                staging.unlink(missing_ok=True)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         checkpoint["moe_mlora"] = {

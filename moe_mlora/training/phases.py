@@ -416,7 +416,7 @@ class Schedule:
             train_dataloaders=train,
             val_dataloaders=dm.val_dataloader(),
             ckpt_path=resume,
-            weights_only=False,  # our own file: it holds random states and metric dicts
+            weights_only=True,  # tensors and plain types only: a planted file cannot run code
         )
         self.last_trainer = trainer
         if trainer.optimizers:
@@ -464,7 +464,7 @@ class Schedule:
             train_dataloaders=batches,
             val_dataloaders=val,
             ckpt_path=resume,
-            weights_only=False,
+            weights_only=True,
         )
         self.last_trainer = trainer
         return stopper, throughput

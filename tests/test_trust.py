@@ -1,0 +1,298 @@
+"""Hostile and careless cases: planted files, lost results, two writers, full disks, Ctrl-C.
+
+Where the behaviour is about what a user sees, the real entry point runs as a subprocess
+(``python -m moe_mlora.run``, or ``tests/faults.py`` for an injected fault) and the test
+checks the exit status, the one line on stderr and what is left in the run folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_run import tiny
+
+from moe_mlora.data import cache as cache_code
+from moe_mlora.data.cache import load_or_build
+from moe_mlora.data.movielens import build_movielens
+from moe_mlora.runfolder import FolderBusy, owning
+from moe_mlora.training.checkpoints import CheckpointError, RunCheckpoints
+
+TESTS = Path(__file__).resolve().parent
+ENV = {**os.environ, "WANDB_MODE": "offline", "CI": "1"}
+
+
+def cli(*args: str, fault: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``python -m moe_mlora.run ARGS`` (through tests/faults.py when a fault is injected)."""
+    entry = [str(TESTS / "faults.py")] if fault else ["-m", "moe_mlora.run"]
+    env = {**ENV, "MOE_MLORA_FAULT": fault} if fault else ENV
+    return subprocess.run(
+        [sys.executable, *entry, *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def one_error_line(result: subprocess.CompletedProcess, status: int = 2) -> str:
+    """The run ended with ``status`` and one ``moe_mlora: error:`` line, no traceback."""
+    assert result.returncode == status, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("moe_mlora: error")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    return errors[0]
+
+
+class Planted:
+    """An object whose unpickling would create ``marker``: what an attacker's file holds."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def finished(cache_dir, tmp_path_factory) -> Path:
+    """A finished run folder (the default schedule, seed 1) made by the command line."""
+    folder = tmp_path_factory.mktemp("finished") / "run"
+    result = cli(*tiny(cache_dir, f"hydra.run.dir={folder}"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return folder
+
+
+# ----------------------------------------------------- 1. weights, never code
+@pytest.mark.parametrize("name", ["phase1.pt", "phase1-last.ckpt"])
+def test_a_planted_checkpoint_is_refused_without_running_it(name, cache_dir, tmp_path):
+    folder, marker = tmp_path / "run", tmp_path / "pwned"
+    (folder / "checkpoints").mkdir(parents=True)
+    torch.save(
+        {"config_fingerprint": "x", "moe_mlora": Planted(marker)}, folder / "checkpoints" / name
+    )
+
+    line = one_error_line(cli(*tiny(cache_dir, f"resume={folder}")))
+    assert not marker.exists()
+    assert name in line and "not a readable checkpoint" in line and "was not run" in line
+
+
+def test_a_planted_checkpoint_is_refused_in_process_too(tmp_path):
+    marker = tmp_path / "pwned"
+    checkpoints = RunCheckpoints(tmp_path, "abc")
+    checkpoints.folder.mkdir()
+    torch.save({"report": Planted(marker)}, checkpoints.phase_file(1))
+    torch.save({"moe_mlora": Planted(marker)}, checkpoints.epoch_file(2))
+    with pytest.raises(CheckpointError, match=r"phase1\.pt"):
+        checkpoints.finished_phase(1)
+    with pytest.raises(CheckpointError, match=r"phase2-last\.ckpt"):
+        checkpoints.resume_path(2)
+    assert not marker.exists()
+
+
+def test_a_planted_cache_entry_is_rebuilt_without_running_it(ml100k_root, tmp_path):
+    marker = tmp_path / "pwned"
+
+    def build():
+        return build_movielens(ml100k_root, "gender", progress=False)
+
+    first = load_or_build(tmp_path / "cache", {"k": 1}, [], build, label="planted")
+    (entry,) = (tmp_path / "cache" / "processed").iterdir()
+    torch.save({"sparse": Planted(marker)}, entry / "data.pt")
+    again = load_or_build(tmp_path / "cache", {"k": 1}, [], build, label="planted")
+    assert not marker.exists()
+    assert again.num_domains == first.num_domains
+
+
+# --------------------------------------------- 2. no finished run overwritten
+def snapshot(folder: Path) -> dict[str, bytes]:
+    names = ["results.json", "model.pt", ".hydra/config.yaml", ".hydra/overrides.yaml"]
+    return {name: (folder / name).read_bytes() for name in names}
+
+
+def test_resume_of_a_finished_run_with_another_config_is_refused(cache_dir, finished):
+    before = snapshot(finished)
+    line = one_error_line(cli(*tiny(cache_dir, "seed=2", f"resume={finished}")))
+    assert str(finished) in line and "another config" in line and "not overwritten" in line
+    assert snapshot(finished) == before  # Hydra's record of the run is put back too
+
+
+def test_a_new_run_into_a_finished_folder_of_another_config_is_refused(cache_dir, finished):
+    before = snapshot(finished)
+    one_error_line(cli(*tiny(cache_dir, "method=base", f"hydra.run.dir={finished}")))
+    assert snapshot(finished) == before
+
+
+def test_a_finished_run_resumed_with_its_config_reports_it(cache_dir, finished):
+    before = snapshot(finished)
+    result = cli(*tiny(cache_dir, f"resume={finished}", "threads=1"))  # threads: presentation
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "already completed" in result.stdout
+    assert snapshot(finished) == before
+
+
+def test_a_sweep_rerun_into_a_folder_of_another_config_leaves_it(cache_dir, finished, tmp_path):
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    os.symlink(finished, sweep / "job")  # the job's folder, holding another config's run
+    before = snapshot(finished)
+    sweep_args = [f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=job"]
+    result = cli("-m", *tiny(cache_dir, "method=base", *sweep_args))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "job refused" in result.stdout and "another config" in result.stdout
+    assert snapshot(finished) == before
+
+
+# ------------------------------------------------------ 3. commit marker last
+def test_a_kill_between_model_and_results_resumes_instead_of_skipping(cache_dir, tmp_path):
+    folder = tmp_path / "run"
+    args = tiny(cache_dir, "seed=3")
+    killed = cli(*args, f"hydra.run.dir={folder}", fault="kill_before_results")
+    assert killed.returncode == -signal.SIGKILL
+    assert (folder / "model.pt").is_file() and not (folder / "results.json").exists()
+
+    resumed = cli(*args, f"resume={folder}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((folder / "results.json").read_text())["status"] == "completed"
+    assert not (folder / "checkpoints").exists()
+
+
+# --------------------------------------------------- 4. one writer per folder
+HOLD = """
+import sys, time
+from moe_mlora.runfolder import owning
+with owning(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def hold(folder: Path) -> subprocess.Popen:
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(folder)], stdout=subprocess.PIPE, text=True
+    )
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_second_writer_is_told_who_holds_the_folder_and_a_killed_one_blocks_nothing(
+    cache_dir, tmp_path
+):
+    folder = tmp_path / "run"
+    holder = hold(folder)
+    try:
+        line = one_error_line(cli(*tiny(cache_dir, "method=base", f"hydra.run.dir={folder}")))
+        assert str(folder) in line and f"pid {holder.pid}" in line
+        assert not (folder / "csv").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    result = cli(*tiny(cache_dir, "method=base", f"hydra.run.dir={folder}"))
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_a_sweep_job_whose_folder_is_held_is_refused_and_the_sweep_goes_on(tmp_path, capsys):
+    from moe_mlora.config import compose
+    from moe_mlora.sweep import run_sweep_job
+
+    holder = hold(tmp_path)
+    try:
+        with pytest.raises(FolderBusy, match=f"pid {holder.pid}"), owning(tmp_path):
+            pass
+        trained = []
+        result = run_sweep_job(compose([]), tmp_path, lambda c, o: trained.append(o), print)
+        assert result is None and trained == []
+        assert "job refused" in capsys.readouterr().out
+        assert not (tmp_path / "results.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+# ---------------------------------------------------------------- 5. full disks
+def test_a_full_cache_disk_is_a_warning_and_the_run_goes_on(
+    ml100k_root, tmp_path, monkeypatch, caplog
+):
+    def full(*args, **kwargs):
+        raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+
+    monkeypatch.setattr(torch, "save", full)
+    data = load_or_build(
+        tmp_path, {"k": 1}, [], lambda: build_movielens(ml100k_root, "gender", progress=False)
+    )
+    assert data.num_domains == 2
+    assert "going on uncached" in caplog.text
+    assert list((tmp_path / "processed").iterdir()) == []  # no staging folder left
+
+
+def test_a_killed_cache_build_leaves_no_staging_folder_for_long(tmp_path):
+    processed = tmp_path / "processed"
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    stale = (
+        processed
+        / f".movielens-abc{cache_code.STAGING_MARK}{cache_code.host_tag()}-{dead.stdout.strip()}-x1"
+    )
+    live = (
+        processed
+        / f".movielens-abc{cache_code.STAGING_MARK}{cache_code.host_tag()}-{os.getpid()}-x2"
+    )
+    for folder in (stale, live):
+        folder.mkdir(parents=True)
+    cache_code.remove_stale_staging(processed)
+    assert not stale.exists() and live.exists()
+
+
+def test_a_full_run_folder_ends_in_one_line_and_the_run_resumes(cache_dir, tmp_path):
+    folder = tmp_path / "run"
+    args = tiny(cache_dir, "seed=4")
+    full = cli(*args, f"hydra.run.dir={folder}", fault="disk_full_after_phase1")
+    line = one_error_line(full)
+    assert "could not write" in line and "phase2.pt" in line and "Free space" in line
+    assert "resume=" in full.stderr
+    assert not list((folder / "checkpoints").glob(".*.tmp"))
+
+    resumed = cli(*args, f"resume={folder}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((folder / "results.json").read_text())["status"] == "completed"
+
+
+# ------------------------------------------------------------------ 12. Ctrl-C
+def test_ctrl_c_keeps_the_checkpoints_and_prints_the_resume_command(cache_dir, tmp_path):
+    folder = tmp_path / "run"
+    args = tiny(cache_dir, "data.ratings=12000", "trainer.max_epochs=6", "seed=5")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moe_mlora.run", *args, f"hydra.run.dir={folder}"],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    epoch = folder / "checkpoints" / "phase1-last.ckpt"
+    deadline = time.monotonic() + 300
+    while not epoch.exists():
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr
+    command = next(line.strip() for line in stderr.splitlines() if "resume=" in line)
+    assert command.startswith("python -m moe_mlora.run") and f"resume={folder}" in command
+    assert (folder / "checkpoints").is_dir()
+
+    resumed = subprocess.run(
+        [sys.executable, *shlex.split(command)[1:]], env=ENV, capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout
