@@ -306,6 +306,9 @@ def _gather_device(group: Any, fallback: torch.device) -> torch.device:
     return fallback
 
 
+PER_DOMAIN_KEYS = ("auc_per_domain", "count_per_domain", "positives_per_domain", "auc_error_bound")
+
+
 class DomainAUC(Metric):
     """Per-domain AUC, weighted AUC (headline), mean AUC, overall AUC and log loss.
 
@@ -496,6 +499,20 @@ class DomainAUC(Metric):
         target = dim_zero_cat(self.target).long()
         domain = dim_zero_cat(self.domain).long()
         return preds, target, domain
+
+    def _wrap_compute(self, compute: Callable) -> Callable:
+        """torchmetrics squeezes one-element tensors of the result; with one domain (plain
+        CTR) that would turn the ``[D]`` per-domain tensors into scalars, so undo it."""
+        wrapped = super()._wrap_compute(compute)
+
+        def with_domain_axis(*args, **kwargs):
+            result = wrapped(*args, **kwargs)
+            for key in PER_DOMAIN_KEYS:
+                if isinstance(result.get(key), Tensor):
+                    result[key] = result[key].reshape(-1)
+            return result
+
+        return with_domain_axis
 
     def compute(self) -> dict[str, Any]:
         """Aggregate all rows (across processes, if distributed).

@@ -27,6 +27,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import replace
 from pathlib import Path
 
 import hydra
@@ -40,6 +41,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
 from moe_mlora.allocator import configure_allocator
+from moe_mlora.checks import check_memory, check_run_config
 from moe_mlora.config import CONF_DIR, ConfigError, check_conf_dir, register_resolvers
 from moe_mlora.data.device import place_on_gpu
 from moe_mlora.data.processed import DataError
@@ -156,13 +158,37 @@ def build_module(cfg: DictConfig, datamodule) -> CTRModule:
     adapter = adapter_config(cfg, data.num_domains)
     model_options = {k: v for k, v in cfg.model.items() if k != "name"}
     model_options = OmegaConf.to_container(OmegaConf.create(model_options), resolve=True)
-    model = build_model(cfg.model.name, data.fields, data.num_domains, adapter, **model_options)
+
+    def build(adapter: AdapterConfig):
+        return build_model(cfg.model.name, data.fields, data.num_domains, adapter, **model_options)
+
+    if adapter.kind == "moe":
+        check_expert_memory(cfg, adapter, build)
     bins = cfg.get("evaluation", {}).get("auc_bins")
-    if bins is not None and (not isinstance(bins, int) or bins < 2):
-        raise ConfigError(f"evaluation.auc_bins must be an integer >= 2 or null, got {bins!r}")
     return CTRModule(
-        model, data.domain_names, cfg.optimizer.lr, cfg.optimizer.weight_decay, auc_bins=bins
+        build(adapter),
+        data.domain_names,
+        cfg.optimizer.lr,
+        cfg.optimizer.weight_decay,
+        auc_bins=bins,
     )
+
+
+def check_expert_memory(cfg: DictConfig, adapter: AdapterConfig, build) -> None:
+    """Refuse an expert count that would not fit, from two small models (k and k+1 experts).
+
+    Parameters grow linearly with the experts, so the two models give the full model's
+    count without allocating it; the tower's widths give the activations per expert.
+    """
+    fewest = max(1, adapter.gate.top_k or 1)  # top_k needs that many experts
+    if adapter.experts <= fewest + 1:
+        return
+    with torch.random.fork_rng(devices=[]):  # the probes must not move the seeded init
+        one, two = (build(replace(adapter, experts=count)) for count in (fewest, fewest + 1))
+    per_expert = two.parameter_counts()["total"] - one.parameter_counts()["total"]
+    parameters = one.parameter_counts()["total"] + per_expert * (adapter.experts - fewest)
+    widths = [layer.out_features for layer in one.modules() if isinstance(layer, torch.nn.Linear)]
+    check_memory(cfg, parameters, adapter.experts, widths)
 
 
 WANDB_GROUP_LIMIT = 128  # characters W&B accepts in a group name
@@ -530,6 +556,7 @@ def train_and_evaluate(cfg: DictConfig, output_dir: Path) -> dict:
     Under DDP every process runs this; only global rank 0 writes files and prints.
     """
     quiet_lightning()
+    check_run_config(cfg)  # every value, and the data files there, before any work
     check_trainer(cfg)
     schedule_spec(cfg)  # a bad schedule fails before any data is read
     with owning(output_dir):
@@ -704,7 +731,9 @@ if __name__ == "__main__":
     # Run the importable module's main, not this __main__ copy: launchers that ship the task
     # function to worker processes (joblib's loky) then pickle it by reference, not by value
     # with every global it reaches (some of which, from torch.distributed, cannot be pickled).
+    from moe_mlora.precheck import precheck
     from moe_mlora.run import main as importable_main
 
     check_conf_dir()
+    precheck(sys.argv[1:])  # mistyped keys, bad values, every sweep job: before Hydra starts
     importable_main()

@@ -241,15 +241,17 @@ def tiny_sweep(cache_dir: Path, sweep_dir: Path, *overrides: str) -> list[str]:
 @pytest.mark.slow
 def test_sweep_over_expert_counts_survives_a_failure_reports_and_resumes(tmp_path, capsys):
     sweep_dir = tmp_path / "sweep"
-    args = tiny_sweep(tmp_path / "cache", sweep_dir, "experts=2,3,0", "seed=1")
+    # top_k=3 of 2 experts fails only once the model is built: a job failing mid-sweep
+    top_k = "method.adapter.gate.top_k=3"
+    args = tiny_sweep(tmp_path / "cache", sweep_dir, "experts=3,4,2", top_k, "seed=1")
     first = run_sweep(*args, cwd=tmp_path)
 
     assert "2 completed, 1 failed" in first.stdout
     by_status = sweep_status(sweep_dir)
     # folders are named by every override of the job, the swept ones included
-    assert ["experts=2," in p.name for p in by_status["completed"]] == [True, False]
-    assert ["experts=3," in p.name for p in by_status["completed"]] == [False, True]
-    assert ["experts=0," in p.name for p in by_status["failed"]] == [True]
+    assert ["experts=3," in p.name for p in by_status["completed"]] == [True, False]
+    assert ["experts=4," in p.name for p in by_status["completed"]] == [False, True]
+    assert ["experts=2," in p.name for p in by_status["failed"]] == [True]
     for folder in by_status["completed"]:
         assert len(list((folder / "wandb").glob("offline-run-*"))) == 1
         run = json.loads((folder / "results.json").read_text())["run"]
@@ -258,7 +260,7 @@ def test_sweep_over_expert_counts_survives_a_failure_reports_and_resumes(tmp_pat
     assert report_main([str(sweep_dir)]) == 0
     report_csv = (sweep_dir / "report" / "report.csv").read_text().strip().splitlines()
     assert len(report_csv) == 1 + 2  # header + one row per expert count
-    assert "experts must be >= 1" in (sweep_dir / "report" / "report.md").read_text()
+    assert "gate.top_k must be in 1..2" in (sweep_dir / "report" / "report.md").read_text()
     capsys.readouterr()
 
     finished = {p: (p / "results.json").stat().st_mtime_ns for p in by_status["completed"]}

@@ -421,5 +421,5 @@ def test_generate_if_missing_without_root_and_into_an_empty_root(tmp_path):
     empty.mkdir()
     taobao_source(str(empty), 10, True, {"themes": 10, "users": 150, "items": 120, "clicks": 2500})
     assert all((empty / name).is_file() for name in RAW_FILES)
-    with pytest.raises(DataError, match="no such directory"):
+    with pytest.raises(DataError, match="no such folder"):
         taobao_source(str(tmp_path / "absent"), 10)

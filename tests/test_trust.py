@@ -10,19 +10,27 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import polars as pl
 import pytest
 import torch
 from test_run import tiny
 
+from moe_mlora.config import ConfigError, compose
 from moe_mlora.data import cache as cache_code
 from moe_mlora.data.cache import load_or_build
 from moe_mlora.data.movielens import build_movielens
+from moe_mlora.data.processed import DataError
+from moe_mlora.data.taobao import build_taobao
+from moe_mlora.precheck import find_problem
+from moe_mlora.run import train_and_evaluate
 from moe_mlora.runfolder import FolderBusy, owning
 from moe_mlora.training.checkpoints import CheckpointError, RunCheckpoints
 
@@ -201,7 +209,6 @@ def test_a_second_writer_is_told_who_holds_the_folder_and_a_killed_one_blocks_no
 
 
 def test_a_sweep_job_whose_folder_is_held_is_refused_and_the_sweep_goes_on(tmp_path, capsys):
-    from moe_mlora.config import compose
     from moe_mlora.sweep import run_sweep_job
 
     holder = hold(tmp_path)
@@ -296,3 +303,194 @@ def test_ctrl_c_keeps_the_checkpoints_and_prints_the_resume_command(cache_dir, t
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout
+
+
+# ------------------------------------------- 6. every config value, before work
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["data.batch_size=0"], "data.batch_size=0 must be an integer >= 1"),
+        (["data.eval_batch_size=-5"], "data.eval_batch_size=-5 must be an integer >= 1"),
+        (["optimizer.lr=-0.001"], "optimizer.lr=-0.001 must be a number > 0"),
+        (["optimizer.lr=nan"], "optimizer.lr=nan must be a number > 0"),
+        (["optimizer.weight_decay=-1"], "optimizer.weight_decay=-1 must be a number >= 0"),
+        (["seed=1.5"], "seed=1.5 must be an integer"),
+        (["seed=abc"], "seed='abc' must be an integer"),
+        (["experts=2.5"], "experts=2.5 must be an integer >= 1 or null"),
+        (["experts_per_domain=0"], "experts_per_domain=0 must be an integer >= 1"),
+        (["threads=0"], "threads=0 must be an integer >= 1"),
+        (["trainer.max_epochs=0"], "trainer.max_epochs=0 must be an integer >= 1"),
+        (["callbacks.early_stopping.patience=-1"], "patience=-1 must be an integer >= 0"),
+        (
+            ["trainer.max_epoch=3"],
+            "trainer.max_epoch is not a config key; did you mean trainer.max_epochs?",
+        ),
+        (["trainr.max_epochs=3"], "did you mean trainer.max_epochs?"),
+        (["experts_per_domian=2"], "did you mean experts_per_domain?"),
+        (["model=deepfmm"], "model=deepfmm: no such option; did you mean model=deepfm?"),
+        (["method=mlroa"], "did you mean method=mlora?"),
+        (["trainer=gpu"], "trainer=gpu"),
+        (["data=movielens_gender"], "data.root is not set"),
+        (["data=taobao20", "data.root=/etc/hostname"], "is a file; give the folder"),
+        (["data=movielens_gender", "data.root=/etc/hostname"], "a file, not the folder"),
+        (["data=table"], "data.path is not set"),
+    ],
+)
+def test_a_bad_value_is_named_with_its_fix_before_any_work(overrides, expected):
+    if overrides == ["trainer=gpu"] and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    problem = find_problem([*overrides, "logger.wandb.enabled=false"])  # what `run` checks first
+    assert problem is not None and expected in problem
+    assert "+trainer" not in problem
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["trainer.max_epoch=3"], "did you mean trainer.max_epochs?"),
+        (["optimizer.lr=-0.001"], "optimizer.lr=-0.001 must be a number > 0"),
+        (["data=taobao20", "data.root=/etc/hostname"], "is a file; give the folder"),
+    ],
+)
+def test_the_command_line_shows_one_line_and_exit_status_2(overrides, expected, tmp_path):
+    folder = tmp_path / "run"
+    line = one_error_line(cli(*overrides, f"hydra.run.dir={folder}", "logger.wandb.enabled=false"))
+    assert expected in line
+    assert not folder.exists()  # refused before Hydra made the run folder
+
+
+def test_values_are_checked_for_api_callers_too(cache_dir, tmp_path):
+    with pytest.raises(ConfigError, match=r"data\.batch_size=0 must be an integer >= 1"):
+        train_and_evaluate(compose(tiny(cache_dir, "data.batch_size=0")), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_expert_count_that_cannot_fit_is_refused_before_it_is_allocated(cache_dir, tmp_path):
+    line = one_error_line(cli(*tiny(cache_dir, "experts=2000000", f"hydra.run.dir={tmp_path}")))
+    assert "experts=2000000 needs about" in line and "GiB" in line and "lower experts" in line
+
+
+# -------------------------------------------- 10. a sweep checks every job first
+def test_a_sweep_recipe_without_its_data_root_launches_no_job(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = cli("-m", "experiment=paper_movielens", f"hydra.sweep.dir={sweep}")
+    line = one_error_line(result)
+    assert "data.root is not set" in line and "in the sweep's job" in line
+    assert not sweep.exists()
+
+
+def test_a_bad_value_in_one_swept_job_stops_the_sweep_before_it_starts(cache_dir, tmp_path):
+    sweep = tmp_path / "sweep"
+    args = tiny(cache_dir, "experts=2,0", "method=moe_mlora", f"hydra.sweep.dir={sweep}")
+    line = one_error_line(cli("-m", *args))
+    assert "experts=0 must be an integer >= 1" in line and "experts=0" in line
+    assert not sweep.exists()
+
+
+def test_a_slurm_sweep_without_slurm_is_one_line(tmp_path):
+    if subprocess.run(["which", "sbatch"], capture_output=True).returncode == 0:
+        pytest.skip("SLURM is installed here")
+    line = one_error_line(cli("-m", "hydra/launcher=slurm", f"hydra.sweep.dir={tmp_path / 's'}"))
+    assert "hydra/launcher=slurm needs SLURM" in line and "hydra/launcher=parallel" in line
+
+
+# ----------------------------------------------------- 7. one domain is plain CTR
+@pytest.fixture(scope="module")
+def one_domain_csv(tmp_path_factory) -> Path:
+    """A click table whose domain column has a single value."""
+    rng = np.random.default_rng(0)
+    users, items = rng.integers(1, 200, 4000), rng.integers(1, 150, 4000)
+    label = rng.random(4000) < 1 / (1 + np.exp(-(np.sin(users) + np.cos(items))))
+    path = tmp_path_factory.mktemp("one") / "logs.csv"
+    frame = {"user_id": users, "item_id": items, "domain": "all", "label": label.astype(int)}
+    pl.DataFrame(frame).write_csv(path)
+    return path
+
+
+def one_domain_args(path: Path, cache_dir: Path, *overrides: str) -> list[str]:
+    tiny_run = [o for o in tiny(cache_dir) if not o.startswith("data.")]
+    return [*tiny_run, "data=table", f"data.path={path}", *overrides]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [["method=base"], ["method=mlora"], ["method=moe_mlora"], ["method/schedule=paper"]],
+)
+def test_one_domain_trains_and_tests_with_every_method(
+    one_domain_csv, cache_dir, tmp_path, overrides
+):
+    args = one_domain_args(one_domain_csv, cache_dir, *overrides)
+    results = train_and_evaluate(compose(args), tmp_path)
+    assert results["status"] == "completed"
+    assert list(results["test"]["per_domain"]) == ["all"]
+    assert results["test"]["wauc"] == pytest.approx(results["test"]["auc"])
+
+
+def test_one_domain_on_the_command_line(one_domain_csv, cache_dir, tmp_path):
+    folder = tmp_path / "run"
+    args = one_domain_args(one_domain_csv, cache_dir, f"hydra.run.dir={folder}")
+    result = cli(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((folder / "results.json").read_text())["status"] == "completed"
+
+
+# ------------------------------------------- 8. bad values in input files, at load
+@pytest.fixture(scope="module")
+def cloudtheme(tmp_path_factory) -> Path:
+    from moe_mlora.data.synthetic_taobao import generate_taobao
+
+    return generate_taobao(
+        tmp_path_factory.mktemp("cloudtheme"),
+        n_themes=4,
+        n_users=300,
+        n_items=200,
+        n_clicks=6000,
+        seed=1,
+        dim=8,
+    )
+
+
+def copy_of(root: Path, target: Path) -> Path:
+    return Path(shutil.copytree(root, target))
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "-inf", "1e39"])
+def test_a_non_finite_pretrained_vector_is_refused_naming_its_line(cloudtheme, tmp_path, bad):
+
+    root = copy_of(cloudtheme, tmp_path / "root")
+    vectors = root / "user_embedding.csv"
+    lines = vectors.read_text().splitlines()
+    user, values = lines[3].split(",", 1)
+    numbers = values.strip('"').split(" ")
+    numbers[2] = bad
+    lines[3] = f"{user},{' '.join(numbers)}"
+    vectors.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"user_embedding\.csv, line 4: expected finite numbers"):
+        build_taobao(root, themes=2, progress=False)
+
+
+@pytest.mark.parametrize("case", ["empty", "unmatched"])
+def test_a_click_log_without_usable_clicks_says_why(cloudtheme, tmp_path, case):
+
+    root = copy_of(cloudtheme, tmp_path / "root")
+    log = root / "theme_click_log.csv"
+    header, *rows = log.read_text().splitlines()
+    if case == "unmatched":
+        rows = [f"x{row}" for row in rows]  # user ids that have no vector
+    log.write_text("\n".join([header, *([] if case == "empty" else rows)]) + "\n")
+    with pytest.raises(DataError) as error:
+        build_taobao(root, themes=2, progress=False)
+    message = str(error.value)
+    assert "themes <= 0" not in message
+    assert ("no clicks" if case == "empty" else "do not match") in message
+
+
+def test_a_byte_order_mark_is_read_past(cloudtheme, ml100k_root, tmp_path):
+    root = copy_of(cloudtheme, tmp_path / "root")
+    for name in ("theme_click_log.csv", "user_embedding.csv"):
+        (root / name).write_bytes(b"\xef\xbb\xbf" + (root / name).read_bytes())
+    assert build_taobao(root, themes=2, progress=False).num_domains == 2
+    movielens = copy_of(ml100k_root, tmp_path / "ml")
+    for name in ("u.data", "u.user", "u.item"):
+        (movielens / name).write_bytes(b"\xef\xbb\xbf" + (movielens / name).read_bytes())
+    assert build_movielens(movielens, "gender", progress=False).num_domains == 2

@@ -28,6 +28,20 @@ from moe_mlora.data.processed import DataError, ProcessedData
 log = logging.getLogger(__name__)
 
 
+MOVIELENS_NO_ROOT = (
+    "data.root is not set: give the folder of MovieLens files, e.g. "
+    "data.root=/path/to/ml-1m (users.dat, ratings.dat, movies.dat) or "
+    "data.root=/path/to/ml-100k (u.data, u.user, u.item). To make stand-ins in the "
+    "real format: python -m moe_mlora.data.generate movielens --format ml-1m --out DIR"
+)
+TABLE_NO_PATH = (
+    "data.path is not set: give your CSV or parquet file(s), e.g. "
+    "data.path=/path/to/logs.csv, data.path='/path/to/logs/*.parquet' or "
+    "data.path=[a.csv,b.csv], and name the columns with data.user_col, data.item_col, "
+    "data.domain_col and data.label_col (see conf/data/table.yaml)"
+)
+
+
 def movielens_source(
     root: str | None,
     split_by: str,
@@ -41,12 +55,7 @@ def movielens_source(
     from moe_mlora.data.movielens import prepare_movielens
 
     if not root:
-        raise DataError(
-            "data.root is not set: give the folder of MovieLens files, e.g. "
-            "data.root=/path/to/ml-1m (users.dat, ratings.dat, movies.dat) or "
-            "data.root=/path/to/ml-100k (u.data, u.user, u.item). To make stand-ins in the "
-            "real format: python -m moe_mlora.data.generate movielens --format ml-1m --out DIR"
-        )
+        raise DataError(MOVIELENS_NO_ROOT)
     return prepare_movielens(
         root,
         split_by,
@@ -115,12 +124,7 @@ def table_source(
     from moe_mlora.data.table import make_spec, prepare_table
 
     if not path:
-        raise DataError(
-            "data.path is not set: give your CSV or parquet file(s), e.g. "
-            "data.path=/path/to/logs.csv, data.path='/path/to/logs/*.parquet' or "
-            "data.path=[a.csv,b.csv], and name the columns with data.user_col, data.item_col, "
-            "data.domain_col and data.label_col (see conf/data/table.yaml)"
-        )
+        raise DataError(TABLE_NO_PATH)
     return prepare_table(path, make_spec(**columns), seed, tuple(fractions), cache_dir, progress)
 
 

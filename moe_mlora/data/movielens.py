@@ -109,8 +109,10 @@ def detect_format(root: str | Path) -> str:
     """``"ml-1m"`` if ``root`` holds users.dat, ratings.dat, movies.dat; ``"ml-100k"`` for
     u.data, u.user, u.item. Raises :class:`DataError` saying what is missing otherwise."""
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise _missing_files_error(root, "a file, not the folder that holds the files")
     if not root.is_dir():
-        raise _missing_files_error(root, "no such directory")
+        raise _missing_files_error(root, "no such folder")
     for fmt, files in FORMAT_FILES.items():
         if all((root / name).is_file() for name in files):
             return fmt
@@ -157,9 +159,16 @@ class _Table:
             raise self.fail(int(np.flatnonzero(~ok)[0]), expected)
 
 
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
 def _read_table(path: Path, sep: str, n_fields: int, layout: str) -> _Table:
-    """Split every non-blank line of a Latin-1 file on ``sep`` (vectorised)."""
-    lines = path.read_bytes().decode(ENCODING).splitlines()
+    """Split every non-blank line of a Latin-1 file on ``sep`` (vectorised).
+
+    A UTF-8 byte-order mark (an editor's or Excel's export) is dropped: it would otherwise
+    glue three invisible characters to the first id.
+    """
+    lines = path.read_bytes().removeprefix(UTF8_BOM).decode(ENCODING).splitlines()
     frame = pl.DataFrame(
         {"line_no": np.arange(1, len(lines) + 1, dtype=np.int64), "line": lines},
         schema={"line_no": pl.Int64, "line": pl.String},

@@ -104,8 +104,16 @@ def missing_root_message() -> str:
 
 def check_root(root: Path) -> list[Path]:
     """The three needed files under ``root``; a :class:`DataError` names what is missing."""
+    if root.exists() and not root.is_dir():
+        raise DataError(
+            f"data.root={root} is a file; give the folder that holds {', '.join(NEEDED_FILES)}"
+        )
     if not root.is_dir():
-        raise DataError(f"Taobao root {root}: no such directory. {missing_root_message()}")
+        raise DataError(
+            f"data.root={root}: no such folder; give the folder that holds "
+            f"{', '.join(NEEDED_FILES)}. Real data: Tianchi dataset 9716 ({DATASET_URL}); "
+            f"stand-ins: {GENERATE_HINT}"
+        )
     missing = [name for name in NEEDED_FILES if not (root / name).is_file()]
     if missing:
         raise DataError(
@@ -117,7 +125,7 @@ def check_root(root: Path) -> list[Path]:
 
 
 def _header(path: Path) -> list[str]:
-    with open(path, encoding="utf-8", errors="replace") as handle:
+    with open(path, encoding="utf-8-sig", errors="replace") as handle:  # -sig: drop a BOM
         first = handle.readline().strip()
     if not first:
         raise DataError(f"{path}: empty file; expected a header line")
@@ -173,7 +181,18 @@ def _parse_vectors(path: Path, text: pl.Series, offset: int, dim: int | None) ->
     if bad_value.any():
         row = int(bad_value.arg_true()[0])
         raise _bad_row(path, offset + row, f"{dim} numbers", text[row])
-    return values.explode().to_numpy().astype(np.float32).reshape(-1, dim)
+    vectors = values.explode().to_numpy().astype(np.float32).reshape(-1, dim)
+    _check_finite(path, vectors, offset, lambda row: text[row])
+    return vectors
+
+
+def _check_finite(path: Path, vectors: np.ndarray, offset: int, line_of) -> None:
+    """NaN or inf (or a value beyond float32) in a pretrained vector: refuse at load, naming
+    the line, rather than let it surface as a NaN loss epochs later."""
+    bad = ~np.isfinite(vectors).all(axis=1)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise _bad_row(path, offset + row, "finite numbers (no nan or inf)", line_of(row))
 
 
 def _wide_vectors(path: Path, frame: pl.DataFrame) -> np.ndarray:
@@ -187,7 +206,9 @@ def _wide_vectors(path: Path, frame: pl.DataFrame) -> np.ndarray:
         row = int(bad.arg_true()[0])
         return_row = ",".join("" if v is None else str(v) for v in frame.row(row))
         raise _bad_row(path, row, f"{len(columns)} numbers after the id", return_row)
-    return values.to_numpy().astype(np.float32)
+    vectors = values.to_numpy().astype(np.float32)
+    _check_finite(path, vectors, 0, lambda row: ",".join(str(v) for v in frame.row(row)))
+    return vectors
 
 
 @dataclass
@@ -292,6 +313,14 @@ def select_clicks(frame: pl.DataFrame, users: Vectors, items: Vectors, themes: i
     report["clicks_without_vectors"] = int((~keep).sum())
     report["duplicate_clicks"] = int(keep.sum()) - kept.height
     order = kept["theme_id"].unique(maintain_order=True)
+    if len(order) == 0:
+        reason = (
+            "it has no clicks"
+            if frame.height == 0
+            else f"none of its {frame.height:,} clicks has both a user and an item vector "
+            "(the ids of the click log and of the two vector files do not match)"
+        )
+        raise DataError(f"the click log gives no usable clicks: {reason}")
     if themes > len(order):
         raise DataError(
             f"data.themes={themes} but the click log has only {len(order)} themes with "
