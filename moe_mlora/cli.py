@@ -55,6 +55,19 @@ def positive_int(args: dict[str, str], key: str, default: int) -> int:
     return value
 
 
+def fraction(args: dict[str, str], key: str, default: float) -> float:
+    """``args[key]`` as a number from 0 to 1, else ``default`` when absent."""
+    if key not in args:
+        return default
+    try:
+        value = float(args[key])
+    except ValueError:
+        raise UsageError(f"{key} must be a number from 0 to 1, got {args[key]!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise UsageError(f"{key} must be from 0 to 1, got {value}")
+    return value
+
+
 def run_cli(
     prog: str,
     usage: str,

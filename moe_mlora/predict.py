@@ -29,26 +29,33 @@ import numpy as np
 import polars as pl
 import torch
 
-from moe_mlora.cli import positive_int, run_cli
+from moe_mlora.cli import fraction, positive_int, run_cli
 from moe_mlora.serving import DOMAIN_FIELD, ServedModel, ServingError, load_model, score
 
 DEFAULT_BATCH_SIZE = 65536
+DEFAULT_MAX_UNSEEN = 0.5  # a field with more unknown values than this is a wrong column
 CSV_SUFFIXES = (".csv",)
 PARQUET_SUFFIXES = (".parquet", ".pq")
 SCORE_COLUMN = "score"
+PLAIN_INTEGER = r"^-?(0|[1-9][0-9]*)$"
 MAX_SHOWN = 10  # unknown domain values named in an error
 
 USAGE = """\
 usage: python -m moe_mlora.predict ckpt=PATH input=PATH output=PATH [batch_size=65536]
+                                  [max_unseen=0.5]
 
   ckpt        a run folder (holding model.pt) or a model.pt file
   input       a .csv (with a header row) or .parquet file: one column per raw-id field of
-              the model (user, item, ...) and `domain` holding the domain name
-  output      .csv or .parquet: the input's columns plus `score` (click probability)
+              the model (user, item, ...) and `domain` holding the domain name; a model
+              trained with data=table also takes its training column names (data.user_col...)
+  output      .csv or .parquet (not the input): the input's columns plus `score`
   batch_size  rows scored per forward pass (default 65536)
+  max_unseen  the largest share of a field's values unknown to the model (default 0.5);
+              above it the input is refused as a wrong column or id format
 
-Unseen ids are scored with the out-of-vocabulary index 0 and counted in the summary
-printed on stderr; an unknown domain is an error.
+Integer ids written as 196.0 or 0196 are read as 196. Unseen ids are scored with the
+out-of-vocabulary index 0 and counted in the summary printed on stderr; an unknown domain
+is an error.
 """
 
 
@@ -129,13 +136,33 @@ def required_columns(served: ServedModel) -> list[str]:
     return [name for name in served.feature_order if name != DOMAIN_FIELD] + [DOMAIN_FIELD]
 
 
-def check_columns(frame: pl.DataFrame, served: ServedModel, path: Path) -> None:
+def training_columns(served: ServedModel) -> dict[str, str]:
+    """Field -> the column it was read from in training, where they differ (``data=table``'s
+    ``user_col``, ``item_col``, ``domain_col``), so the training file's own header works."""
+    data = served.config.get("data") or {}
+    columns = {field: data.get(f"{field}_col") for field in ("user", "item", DOMAIN_FIELD)}
+    return {field: str(column) for field, column in columns.items() if column and column != field}
+
+
+def with_field_names(frame: pl.DataFrame, served: ServedModel, path: Path) -> pl.DataFrame:
+    """``frame`` with the model's field names as columns (training column names accepted)."""
+    aliases = {
+        column: field
+        for field, column in training_columns(served).items()
+        if field not in frame.columns and column in frame.columns
+    }
+    frame = frame.rename(aliases)
     missing = [c for c in required_columns(served) if c not in frame.columns]
     if missing:
+        named = [
+            f"{c} (or {training_columns(served)[c]})" if c in training_columns(served) else c
+            for c in missing
+        ]
         raise ServingError(
-            f"input {path}: missing column(s) {missing}; the model ({served.model_name}) needs "
+            f"input {path}: missing column(s) {named}; the model ({served.model_name}) needs "
             f"{required_columns(served)}, the file has {frame.columns}"
         )
+    return frame
 
 
 def _as_text(values: pl.Series) -> pl.Series:
@@ -161,28 +188,68 @@ def domain_ids(frame: pl.DataFrame, served: ServedModel, path: Path) -> np.ndarr
     return ids.to_numpy(writable=True)  # torch.from_numpy wants a writable array
 
 
+def integer_vocabulary(known: Sequence[str]) -> bool:
+    """Whether every value is an integer written plainly (``196``, not ``0196`` or ``196.0``)."""
+    return bool(known) and pl.Series(known).str.contains(PLAIN_INTEGER).all()
+
+
+def as_plain_integers(text: pl.Series) -> pl.Series:
+    """``196.0``, ``0196`` and ``1.96e2`` as ``196``; anything that is not a whole number kept."""
+    canonical = text.str.contains(PLAIN_INTEGER)  # kept as written: exact beyond 2**53
+    numbers = text.cast(pl.Float64, strict=False)
+    whole = numbers.is_finite() & (numbers == numbers.round(0))
+    plain = numbers.cast(pl.Int64, strict=False).cast(pl.String)
+    rewrite = (~canonical & whole & plain.is_not_null()).fill_null(False)
+    return pl.select(pl.when(rewrite).then(plain).otherwise(text)).to_series()
+
+
 def encode_field(values: pl.Series, vocabulary: Sequence[str]) -> tuple[np.ndarray, int]:
-    """Indices of raw values through ``vocabulary`` (0 for unseen or empty) and the OOV count."""
+    """Indices of raw values through ``vocabulary`` (0 for unseen or empty) and the OOV count.
+
+    Where the training ids were integers, ids written as ``196.0`` (a spreadsheet, a float
+    column) or ``0196`` (zero-padded) are the same ids and are read as such.
+    """
     known = list(vocabulary[1:])  # index 0 is the OOV token, never a raw value
-    codes = _as_text(values).replace_strict(
+    text = _as_text(values)
+    if integer_vocabulary(known):
+        text = as_plain_integers(text)
+    codes = text.replace_strict(
         known, list(range(1, len(known) + 1)), default=0, return_dtype=pl.Int64
     )
     array = codes.to_numpy()
     return array, int((array == 0).sum())
 
 
+def check_unseen(frame: pl.DataFrame, field: str, unseen: int, vocabulary, path, limit) -> None:
+    """Most of a field's values unknown is a wrong column or format, not new users: refuse."""
+    if frame.height == 0 or unseen / frame.height <= limit:
+        return
+    examples = _as_text(frame[field]).head(3).to_list()
+    known = list(vocabulary[1:4])
+    raise ServingError(
+        f"input {path}: {100.0 * unseen / frame.height:.0f}% of column {field!r} is unknown to "
+        f"the model (values such as {examples}; it knows values such as {known}). Check the "
+        f"column, or allow it with max_unseen=1.0 (unseen values are scored as OOV)"
+    )
+
+
 def encode(
-    frame: pl.DataFrame, served: ServedModel, path: Path
+    frame: pl.DataFrame, served: ServedModel, path: Path, max_unseen: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
-    """``sparse [N, F]``, ``domain [N]`` in the model's field order, and OOV counts per field."""
-    check_columns(frame, served, path)
+    """``sparse [N, F]``, ``domain [N]`` in the model's field order, and OOV counts per field.
+
+    A field with more than ``max_unseen`` of its values unknown is refused.
+    """
+    frame = with_field_names(frame, served, path)
     domain = domain_ids(frame, served, path)
     columns, oov = [], {}
     for name in served.feature_order:
         if name == DOMAIN_FIELD:
             columns.append(served.domain_feature_codes()[domain])
         else:
-            codes, oov[name] = encode_field(frame[name], served.vocabularies[name])
+            vocabulary = served.vocabularies[name]
+            codes, oov[name] = encode_field(frame[name], vocabulary)
+            check_unseen(frame, name, oov[name], vocabulary, path, max_unseen)
             columns.append(codes)
     sparse = np.stack(columns, axis=1) if columns else np.zeros((frame.height, 0), np.int64)
     return torch.from_numpy(sparse), torch.from_numpy(domain), oov
@@ -191,24 +258,50 @@ def encode(
 # ----------------------------------------------------------------------------- predict
 
 
+def check_output(input_path: Path, output_path: Path) -> None:
+    """A bad output fails before any work: its kind, the input itself, a folder not creatable."""
+    _kind(output_path, "output")
+    if output_path.resolve() == input_path.resolve() or (
+        output_path.exists() and input_path.exists() and output_path.samefile(input_path)
+    ):
+        raise ServingError(
+            f"output {output_path} is the input file: it would be replaced by the scores; "
+            "choose another output path"
+        )
+    try:
+        output_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ServingError(
+            f"output {output_path}: cannot create its folder {output_path.parent} "
+            f"({error.strerror or error}); choose a folder you can write to"
+        ) from None
+
+
 def predict(
     ckpt: str | Path,
     input_path: str | Path,
     output_path: str | Path,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    max_unseen: float = DEFAULT_MAX_UNSEEN,
 ) -> PredictReport:
-    """Score ``input_path`` with the model at ``ckpt``; write the scored rows to ``output_path``."""
+    """Score ``input_path`` with the model at ``ckpt``; write the scored rows to ``output_path``.
+
+    ``max_unseen``: the largest share of a field's values that may be unknown to the model
+    before the input is refused as a wrong column or id format.
+    """
     start = time.perf_counter()
     input_path, output_path = Path(input_path), Path(output_path)
-    _kind(output_path, "output")  # a bad output name fails before any work
+    check_output(input_path, output_path)
     served = load_model(ckpt)
     frame = read_input(input_path)
     scoring = time.perf_counter()
-    sparse, domain, oov = encode(frame, served, input_path)
+    sparse, domain, oov = encode(frame, served, input_path, max_unseen)
     probabilities = score(served.model, sparse, domain, batch_size)
     score_seconds = time.perf_counter() - scoring
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    write_output(frame.with_columns(pl.Series(SCORE_COLUMN, probabilities)), output_path)
+    try:
+        write_output(frame.with_columns(pl.Series(SCORE_COLUMN, probabilities)), output_path)
+    except OSError as error:
+        raise ServingError(f"output {output_path}: cannot write it ({error})") from None
     return PredictReport(
         rows=frame.height,
         oov=oov,
@@ -223,7 +316,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def run(args: dict[str, str]) -> None:
         batch_size = positive_int(args, "batch_size", DEFAULT_BATCH_SIZE)
-        report = predict(args["ckpt"], args["input"], args["output"], batch_size)
+        max_unseen = fraction(args, "max_unseen", DEFAULT_MAX_UNSEEN)
+        report = predict(args["ckpt"], args["input"], args["output"], batch_size, max_unseen)
         print(f"moe_mlora.predict: {report.summary()}", file=sys.stderr)
 
     return run_cli(
@@ -232,7 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv,
         run,
         required=("ckpt", "input", "output"),
-        optional=("batch_size",),
+        optional=("batch_size", "max_unseen"),
     )
 
 

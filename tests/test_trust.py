@@ -494,3 +494,80 @@ def test_a_byte_order_mark_is_read_past(cloudtheme, ml100k_root, tmp_path):
     for name in ("u.data", "u.user", "u.item"):
         (movielens / name).write_bytes(b"\xef\xbb\xbf" + (movielens / name).read_bytes())
     assert build_movielens(movielens, "gender", progress=False).num_domains == 2
+
+
+# ------------------------------------------------------------------- 9. predict
+def predict_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "moe_mlora.predict", *args],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.fixture(scope="module")
+def known_rows(finished, tmp_path_factory) -> Path:
+    """Rows of ids the finished model knows, written plainly."""
+    from moe_mlora.serving import load_model
+
+    served = load_model(finished)
+    users, items = served.vocabularies["user"][1:21], served.vocabularies["item"][1:21]
+    path = tmp_path_factory.mktemp("rows") / "rows.csv"
+    domain = [served.domain_names[i % served.num_domains] for i in range(20)]
+    pl.DataFrame({"user": users, "item": items, "domain": domain}).write_csv(path)
+    return path
+
+
+def test_ids_written_as_floats_or_zero_padded_are_the_same_ids(finished, known_rows, tmp_path):
+    from moe_mlora.predict import predict
+
+    rows = pl.read_csv(known_rows, infer_schema=False)
+    plain = predict(finished, known_rows, tmp_path / "plain.csv")
+    for name, written in [("float", "{}.0"), ("padded", "0{}"), ("exponent", "{}e0")]:
+        path = tmp_path / f"{name}.csv"
+        rows.with_columns(pl.col("user", "item").map_elements(written.format, pl.String)).write_csv(
+            path
+        )
+        report = predict(finished, path, tmp_path / f"{name}-scored.csv")
+        assert report.oov == {"user": 0, "item": 0}, name
+        scores = pl.read_csv(tmp_path / f"{name}-scored.csv")["score"]
+        assert scores.to_list() == pl.read_csv(plain.output)["score"].to_list()
+
+
+def test_mostly_unknown_ids_are_refused_with_examples(finished, known_rows, tmp_path):
+    rows = pl.read_csv(known_rows, infer_schema=False)
+    path = tmp_path / "wrong.csv"
+    rows.with_columns(pl.col("user").map_elements("u-{}".format, pl.String)).write_csv(path)
+    result = predict_cli(f"ckpt={finished}", f"input={path}", f"output={tmp_path / 'out.csv'}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "100% of column 'user' is unknown" in result.stderr and "max_unseen" in result.stderr
+    assert not (tmp_path / "out.csv").exists()
+
+
+def test_predict_refuses_to_write_over_its_input_or_into_a_folder_it_cannot_make(
+    finished, known_rows, tmp_path
+):
+    before = known_rows.read_bytes()
+    same = predict_cli(f"ckpt={finished}", f"input={known_rows}", f"output={known_rows}")
+    assert same.returncode == 2 and "is the input file" in same.stderr
+    assert known_rows.read_bytes() == before
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")
+    inside = predict_cli(f"ckpt={finished}", f"input={known_rows}", f"output={blocked}/sub/o.csv")
+    assert inside.returncode == 2 and "Traceback" not in inside.stderr
+    assert "cannot create its folder" in inside.stderr
+
+
+def test_a_table_model_scores_its_own_training_file(one_domain_csv, cache_dir, tmp_path):
+    from moe_mlora.predict import predict
+
+    renamed = tmp_path / "logs.csv"
+    columns = {"user_id": "uid", "item_id": "iid", "domain": "country"}
+    pl.read_csv(one_domain_csv).rename(columns).write_csv(renamed)
+    names = ["data.user_col=uid", "data.item_col=iid", "data.domain_col=country"]
+    args = one_domain_args(renamed, cache_dir, "method=base", *names)
+    train_and_evaluate(compose(args), tmp_path / "run")
+    report = predict(tmp_path / "run", renamed, tmp_path / "scored.parquet")
+    assert report.rows == 4000 and report.oov["user"] == 0
