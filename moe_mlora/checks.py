@@ -65,7 +65,7 @@ def check_values(cfg: DictConfig) -> None:
     if epochs != -1:
         integer("trainer.max_epochs", epochs, 1, "50")
     stopping = cfg.callbacks.early_stopping
-    integer("callbacks.early_stopping.patience", stopping.patience, 0, "3")
+    integer("callbacks.early_stopping.patience", stopping.patience, 1, "3")
     number("callbacks.early_stopping.min_delta", stopping.min_delta, 0.0, "0.0", strict=False)
     adapter = cfg.method.adapter
     if adapter.get("kind", "none") != "none":

@@ -68,6 +68,7 @@ from moe_mlora.sweep import (
     sweep_label,
     task_overrides,
 )
+from moe_mlora.training.callbacks import EpochLog, PhaseProgressBar
 from moe_mlora.training.checkpoints import CHECKPOINT_DIR, CheckpointError, RunCheckpoints
 from moe_mlora.training.module import CTRModule, Phase
 from moe_mlora.training.phases import PhaseReport, Schedule, metrics_to_json
@@ -355,10 +356,14 @@ def trainer_factory(cfg: DictConfig, loggers: list[Logger]):
         if "strategy" in options:  # a fresh strategy object per Trainer: they hold state
             unused = phase.per_expert or phase.spec.routing == "domain"
             options["strategy"] = trainer_strategy(cfg.trainer.strategy, unused)
+        if options.get("enable_progress_bar", True):
+            shown = PhaseProgressBar(phase.index, phase.kind)
+        else:  # no bar (a pipe, nohup, SLURM): one log line per epoch instead
+            shown = EpochLog(phase.index, phase.kind, phase.spec.monitor)
         return L.Trainer(
             **options,
             logger=loggers,
-            callbacks=callbacks,
+            callbacks=[shown, *callbacks],
             enable_checkpointing=False,
             enable_model_summary=False,
             num_sanity_val_steps=0,
@@ -616,10 +621,28 @@ def _train_and_evaluate(cfg: DictConfig, output_dir: Path) -> dict:
     finally:
         finish_wandb(loggers)
     if is_global_zero():
-        print(summary_table(results, reports))
-        print(format_domain_table(test, datamodule.domain_names))
+        tables = [
+            summary_table(results, reports),
+            format_domain_table(test, datamodule.domain_names),
+        ]
+        for table in tables:
+            print(table)
+            to_log_files(table)
         print(f"results: {output_dir / 'results.json'}")
     return results
+
+
+def to_log_files(text: str) -> None:
+    """Append ``text`` to the log files (Hydra's ``run.log``) without the console seeing it
+    twice: the final tables are printed, and the log must hold them too."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.acquire()
+            try:
+                handler.stream.write(text + "\n")
+                handler.flush()
+            finally:
+                handler.release()
 
 
 def write_results(loggers, output_dir: Path, results: dict, module, cfg, datamodule) -> None:

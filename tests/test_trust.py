@@ -320,7 +320,7 @@ def test_ctrl_c_keeps_the_checkpoints_and_prints_the_resume_command(cache_dir, t
         (["experts_per_domain=0"], "experts_per_domain=0 must be an integer >= 1"),
         (["threads=0"], "threads=0 must be an integer >= 1"),
         (["trainer.max_epochs=0"], "trainer.max_epochs=0 must be an integer >= 1"),
-        (["callbacks.early_stopping.patience=-1"], "patience=-1 must be an integer >= 0"),
+        (["callbacks.early_stopping.patience=-1"], "patience=-1 must be an integer >= 1"),
         (
             ["trainer.max_epoch=3"],
             "trainer.max_epoch is not a config key; did you mean trainer.max_epochs?",
@@ -571,3 +571,29 @@ def test_a_table_model_scores_its_own_training_file(one_domain_csv, cache_dir, t
     train_and_evaluate(compose(args), tmp_path / "run")
     report = predict(tmp_path / "run", renamed, tmp_path / "scored.parquet")
     assert report.rows == 4000 and report.oov["user"] == 0
+
+
+# --------------------------------------------- 11. off a terminal, say what happens
+def test_off_a_terminal_every_epoch_and_phase_is_one_line_and_run_log_has_the_tables(finished):
+    log = (finished / "run.log").read_text()
+    epochs = [line for line in log.splitlines() if " epoch " in line and "train loss" in line]
+    assert len(epochs) >= 2 and "phase 1 (joint) epoch 1/2 · train loss" in epochs[0]
+    assert "val WAUC" in epochs[0] and "samples/s" in epochs[0]
+    assert "phase 1 (joint) ended after" in log and "phase 2 (finetune) ended after" in log
+    assert "test: WAUC" in log and "mean AUC" in log  # the final tables
+
+
+def test_in_a_terminal_the_progress_bar_names_the_phase(cache_dir, tmp_path, monkeypatch):
+    from moe_mlora.training.callbacks import PhaseProgressBar
+
+    descriptions = []
+    real = PhaseProgressBar.on_train_epoch_start
+
+    def spy(self, trainer, pl_module):
+        real(self, trainer, pl_module)
+        descriptions.append(self.train_progress_bar.desc)
+
+    monkeypatch.setattr(PhaseProgressBar, "on_train_epoch_start", spy)
+    train_and_evaluate(compose(tiny(cache_dir, "progress=true", "trainer.max_epochs=1")), tmp_path)
+    assert descriptions[0].startswith("phase 1 (joint) epoch 1")
+    assert descriptions[-1].startswith("phase 2 (finetune) epoch 1")

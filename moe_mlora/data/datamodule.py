@@ -80,7 +80,12 @@ def generated_movielens_root(
         return root
 
     def write(folder: Path) -> None:
-        generate_movielens(folder, fmt, users, items, ratings, generator_seed)
+        try:
+            generate_movielens(folder, fmt, users, items, ratings, generator_seed)
+        except ValueError as error:  # the generator's sizes are config values: name them
+            raise DataError(
+                f"data.users={users} data.items={items} data.ratings={ratings}: {error}"
+            ) from None
         (folder / ".complete").write_text(json.dumps(params))
 
     write_atomically(root, write)

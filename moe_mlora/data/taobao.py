@@ -640,16 +640,19 @@ def _generate_into(root: Path, params: dict) -> Path:
     from moe_mlora.data.synthetic_taobao import generate_taobao
 
     def write(folder: Path) -> None:
-        generate_taobao(
-            folder,
-            n_themes=int(params["themes"]),
-            n_users=int(params["users"]),
-            n_items=int(params["items"]),
-            n_clicks=int(params["clicks"]),
-            seed=int(params["seed"]),
-            dim=int(params["dim"]),
-            heterogeneity=float(params["heterogeneity"]),
-        )
+        try:
+            generate_taobao(
+                folder,
+                n_themes=int(params["themes"]),
+                n_users=int(params["users"]),
+                n_items=int(params["items"]),
+                n_clicks=int(params["clicks"]),
+                seed=int(params["seed"]),
+                dim=int(params["dim"]),
+                heterogeneity=float(params["heterogeneity"]),
+            )
+        except ValueError as error:  # the generator's sizes are config values: name them
+            raise DataError(f"data.generator ({params}): {error}") from None
 
     write_atomically(root, write)
     log.info("generated Taobao CloudTheme-format files (%s) in %s", params, root)

@@ -70,6 +70,15 @@ class PhaseReport:
     def to_json(self) -> dict:
         return asdict(self)
 
+    def summary_line(self) -> str:
+        """One line for the log when the phase ends: epochs, best score, time, speed."""
+        kept = "" if self.kept else " (not kept: the run's best came back)"
+        return (
+            f"phase {self.index} ({self.kind}) ended after {self.epochs} epochs: best val "
+            f"{self.monitor.upper()} {self.best_score:.4f} at epoch {self.best_epoch + 1}{kept} · "
+            f"{self.wall_time_s:.1f}s · {self.train_samples_per_s:,.0f} samples/s"
+        )
+
     @classmethod
     def from_json(cls, values: dict) -> PhaseReport:
         known = {f for f in cls.__dataclass_fields__}
@@ -220,12 +229,14 @@ class Schedule:
             record = self.checkpoints.finished_phase(index) if self.checkpoints else None
             if record is not None:
                 reports.append(PhaseReport.from_json(record["report"]))
+                log.info("phase %d (%s): ended in an earlier attempt, skipped", index, phase.name)
                 ended = record
                 continue
             if ended is not None:
                 self._continue_after(ended)
                 ended = None
             report = self.run_phase(index, phase)
+            log.info(report.summary_line())
             if self.checkpoints:
                 self.checkpoints.save_phase(index, report.to_json(), self.model, self._carried())
             reports.append(report)
