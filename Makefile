@@ -8,11 +8,20 @@ VENV_ARGS ?=
 PY := $(VENV)/bin/python
 DEFAULT_TORCH_SPEC := torch==2.13.0
 STAMP := $(VENV)/.moe_mlora-installed
+DEV_STAMP := $(VENV)/.moe_mlora-dev-installed
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install run test lint format bench sweep clean
+.PHONY: install install-dev run test lint format bench sweep clean
 
+# install: what running needs (torch, then the package and its runtime dependencies);
+# install-dev adds pytest, ruff and ONNX for the tests.
 install: $(STAMP)
+
+install-dev: $(DEV_STAMP)
+
+$(DEV_STAMP): $(STAMP)
+	$(PIP) -c $(VENV)/torch-constraint.txt -e ".[dev]"
+	touch $(DEV_STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV_ARGS) $(VENV)
@@ -25,20 +34,20 @@ $(STAMP): pyproject.toml
 	fi
 	@# pin the torch just installed so no later dependency can replace it
 	$(PY) -c "import importlib.metadata as m; print('torch==' + m.version('torch'))" > $(VENV)/torch-constraint.txt
-	$(PIP) -c $(VENV)/torch-constraint.txt -e ".[dev]"
+	$(PIP) -c $(VENV)/torch-constraint.txt -e .
 	touch $(STAMP)
 
 run: install
 	$(PY) -m moe_mlora.run $(ARGS)
 
-test: install
+test: install-dev
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-lint: install
+lint: install-dev
 	$(PY) -m ruff check moe_mlora tests
 	$(PY) -m ruff format --check moe_mlora tests
 
-format: install
+format: install-dev
 	$(PY) -m ruff format moe_mlora tests
 	$(PY) -m ruff check --fix moe_mlora tests
 

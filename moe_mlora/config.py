@@ -9,7 +9,14 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# An installed wheel carries the configs as moe_mlora/conf/; a source checkout (an editable
+# install) has them at the top of the repository.
+_PACKAGED_CONF = Path(__file__).resolve().parent / "conf"
+CONF_DIR = (
+    _PACKAGED_CONF
+    if (_PACKAGED_CONF / "config.yaml").is_file()
+    else Path(__file__).resolve().parent.parent / "conf"
+)
 RUN_SUFFIX = f"{os.getpid():x}{secrets.token_hex(2)}"
 
 
@@ -85,8 +92,8 @@ def register_resolvers() -> None:
 def check_conf_dir() -> None:
     if not (CONF_DIR / "config.yaml").exists():
         raise SystemExit(
-            f"moe_mlora: config folder {CONF_DIR} not found. Install the project editable from "
-            "its repository (make install, or pip install -e .) so conf/ sits beside the package."
+            f"moe_mlora: config folder {CONF_DIR} not found. Install the project with pip "
+            "(pip install . or pip install -e . from its repository), which brings conf/ along."
         )
 
 

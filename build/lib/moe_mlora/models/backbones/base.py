@@ -1,0 +1,122 @@
+"""The CTR model base class: ``embeddings -> (interaction parts, DNN tower) -> logit``.
+
+A backbone subclass declares its interaction parts and the tower in
+``__init__`` and says how they combine in :meth:`CTRModel.head` (and, if its
+tower does not read the flat embeddings, in :meth:`CTRModel.tower_input`).
+Everything about adapters lives in the tower: routing, the gate, the expert
+parameters. The parameter groups below are what the training phases freeze
+and optimise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+
+from moe_mlora.data.processed import FieldSpec
+from moe_mlora.models.adapters import AdapterConfig, build_adapter
+from moe_mlora.models.features import FieldEmbeddings
+from moe_mlora.models.tower import Tower
+
+
+class CTRModel(nn.Module):
+    """Base of every backbone. ``forward(sparse, domain, expert=None)`` returns logits ``[B]``.
+
+    ``routing`` ("off" | "domain" | "expert" | "mixture") is a settable
+    attribute, validated against the adapter kind; defaults: none -> "off",
+    mlora -> "domain", moe -> "mixture".
+    """
+
+    tower: Tower  # set by every subclass through make_tower
+
+    def __init__(
+        self,
+        fields: Sequence[FieldSpec],
+        num_domains: int,
+        adapter: AdapterConfig,
+        embedding_dim: int,
+    ) -> None:
+        super().__init__()
+        self.num_domains = num_domains
+        self.adapter_config = adapter
+        self.embeddings = FieldEmbeddings(fields, embedding_dim)
+
+    def make_tower(self, input_dim: int, hidden_units: Sequence[int], dropout: float) -> Tower:
+        """The DNN tower, carrying the configured adapter on each of its Linear layers."""
+        adapter = build_adapter(self.adapter_config, self.num_domains, input_dim)
+        return Tower(input_dim, hidden_units, dropout, adapter)
+
+    # -- what a backbone defines -------------------------------------------------
+    def tower_input(self, embeddings: Tensor) -> Tensor:
+        """``[B, F, dim]`` -> the tower's input; by default the flat embeddings."""
+        return FieldEmbeddings.flat(embeddings)
+
+    def head(self, sparse: Tensor, embeddings: Tensor, deep: Tensor) -> Tensor:
+        """Combine the interaction parts and the tower output ``deep`` into logits ``[B]``."""
+        raise NotImplementedError
+
+    # -- forward -----------------------------------------------------------------
+    def forward(self, sparse: Tensor, domain: Tensor, expert: Tensor | None = None) -> Tensor:
+        """Logits ``[B]`` (no sigmoid). ``expert [B]`` is needed only with routing "expert"."""
+        embeddings = self.embeddings(sparse)
+        deep = self.tower(self.tower_input(embeddings), domain, expert)
+        return self.head(sparse, embeddings, deep)
+
+    def gate_weights(self, sparse: Tensor, domain: Tensor) -> Tensor:
+        """MoE only: the gate's softmax weights ``[B, E]`` (whatever the routing)."""
+        tower_input = self.tower_input(self.embeddings(sparse))
+        return self.tower.adapter.gate_weights(tower_input, domain)
+
+    # -- routing -----------------------------------------------------------------
+    @property
+    def routing(self) -> str:
+        return self.tower.routing
+
+    @routing.setter
+    def routing(self, value: str) -> None:
+        self.tower.adapter.check_routing(value)
+        self.tower.routing = value
+
+    @property
+    def num_experts(self) -> int:
+        """0 for none, the number of domains for mlora, E for moe."""
+        return self.tower.adapter.num_experts
+
+    # -- parameter groups (the training phases freeze and optimise these) --------
+    def expert_parameters(self, expert: int | None = None) -> list[nn.Parameter]:
+        """LoRA parameters of all experts, or of expert ``expert``, across all tower layers.
+
+        For MLoRA, expert ``d`` is domain ``d``'s adapter.
+        """
+        if expert is not None and not 0 <= expert < self.num_experts:
+            raise ValueError(f"expert must be in [0, {self.num_experts}), got {expert}")
+        experts = range(self.num_experts) if expert is None else [expert]
+        banks = [layer.lora for layer in self.tower.layers if layer.lora is not None]
+        return [p for e in experts for bank in banks for p in bank.expert_parameters(e)]
+
+    def gate_parameters(self) -> list[nn.Parameter]:
+        """The gate's parameters (empty unless the adapter is MoE)."""
+        return list(self.tower.adapter.parameters())
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        """Every parameter that is neither an expert's nor the gate's."""
+        adapter_ids = {id(p) for p in self.expert_parameters() + self.gate_parameters()}
+        return [p for p in self.parameters() if id(p) not in adapter_ids]
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Element counts: ``backbone``, ``adapter`` (all experts), ``gate``, ``total``.
+
+        Frozen pretrained tables are buffers, not parameters, so not counted.
+        """
+        counts = {
+            "backbone": _numel(self.backbone_parameters()),
+            "adapter": _numel(self.expert_parameters()),
+            "gate": _numel(self.gate_parameters()),
+        }
+        counts["total"] = sum(counts.values())
+        return counts
+
+
+def _numel(parameters: list[nn.Parameter]) -> int:
+    return sum(p.numel() for p in parameters)
