@@ -70,5 +70,5 @@ install-bench: install
 	$(PIP) -c $(VENV)/torch-constraint.txt $(BENCH_PIP_ARGS) -e ".[bench]"
 
 clean:
-	rm -rf $(VENV) outputs multirun .pytest_cache .ruff_cache wandb *.egg-info
+	rm -rf $(VENV) outputs multirun debug .pytest_cache .ruff_cache wandb *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

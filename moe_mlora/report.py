@@ -34,7 +34,7 @@ from typing import Any
 import polars as pl
 
 from moe_mlora.plots import group_label, method_rank, write_plots
-from moe_mlora.sweep import sweep_label
+from moe_mlora.sweep import PRESENTATION_KEYS, sweep_label
 
 KEYS = ["data", "model", "method", "experts"]  # a group: its runs differ by seed only
 METRICS = ["wauc", "mean_auc", "auc", "logloss"]
@@ -81,6 +81,7 @@ SUMMARY_COLUMNS = [
     "paired_seeds",
     *OVERHEADS,
     "wall_time_s",
+    "max_epochs",
 ]
 NO_VALUE = "—"
 
@@ -109,20 +110,36 @@ def find_results(dirs: Iterable[Path | str], exclude: Path | str | None = None) 
     return sorted(found)
 
 
-def load_runs(paths: Iterable[Path]) -> list[dict]:
-    """The parsed results.json files, each with its file under "path" (to name failed runs)."""
+def load_runs(paths: Iterable[Path], skipped: list[str] | None = None) -> list[dict]:
+    """The parsed results.json files, each with its file under "path" (to name failed runs).
+
+    A file that is not a run's record (truncated, foreign JSON), or a debug run's, is left
+    out and described in ``skipped`` (when given): one bad file never stops a report.
+    """
     runs = []
     for path in paths:
-        try:
-            record = json.loads(Path(path).read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ReportError(f"{path} is not valid JSON ({error})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("run"), dict):
-            raise ReportError(f"{path} is not a run's results.json (it has no 'run' section)")
-        if record.get("status") == "completed" and not isinstance(record.get("test"), dict):
-            raise ReportError(f"{path} says the run completed but has no 'test' section")
-        runs.append({**record, "path": str(path)})
+        problem = _unusable(Path(path))
+        if isinstance(problem, str):
+            if skipped is not None:
+                skipped.append(f"{path}: {problem}")
+            continue
+        runs.append({**problem, "path": str(path)})
     return runs
+
+
+def _unusable(path: Path) -> dict | str:
+    """The record of ``path``, or why the report cannot use it."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
+        return f"not valid JSON, a truncated or foreign file ({type(error).__name__})"
+    if not isinstance(record, dict) or not isinstance(record.get("run"), dict):
+        return "not a run's results.json (it has no 'run' section)"
+    if record.get("status") == "completed" and not isinstance(record.get("test"), dict):
+        return "says the run completed but has no 'test' section"
+    if record["run"].get("debug"):
+        return f"a debug run (debug={record['run']['debug']}), never reported"
+    return record
 
 
 def completed(runs: Iterable[dict]) -> list[dict]:
@@ -195,6 +212,7 @@ def summarize(runs: Iterable[dict]) -> pl.DataFrame:
     delta = (pl.col("wauc_mean") - pl.col("base_wauc")).alias("delta_wauc_vs_base")
     groups = groups.join(base, on=["data", "model"], how="left").with_columns(delta)
     groups = groups.join(paired_vs_mlora(runs), on=KEYS, how="left", nulls_equal=True)
+    groups = groups.join(epoch_caps(runs), on=KEYS, how="left", nulls_equal=True)
     return _nan_for_missing(_sort_groups(groups).select(SUMMARY_COLUMNS))
 
 
@@ -302,7 +320,7 @@ def mixed_overrides(runs: Iterable[dict]) -> list[str]:
     seen: dict[tuple, set[tuple[str, ...]]] = {}
     for record in completed(runs):
         run = record["run"]
-        overrides = tuple(sorted(o for o in run.get("overrides") or [] if not _is_seed(o)))
+        overrides = tuple(sorted(o for o in run.get("overrides") or [] if not _same_result(o)))
         seen.setdefault(tuple(group_keys(run).values()), set()).add(overrides)
     return [
         f"{'/'.join(map(str, key))}: {' vs '.join(' '.join(o) or '(none)' for o in sorted(sets))}"
@@ -311,8 +329,47 @@ def mixed_overrides(runs: Iterable[dict]) -> list[str]:
     ]
 
 
-def _is_seed(override: str) -> bool:
-    return override.lstrip("+~").split("=", 1)[0] == "seed"
+# Keys whose values do not change a run's result (how it is shown, where data and caches
+# live), besides the seed a group averages over.
+SAME_RESULT_KEYS = (
+    "seed",
+    *PRESENTATION_KEYS,
+    "data.root",
+    "data.path",
+    "trainer.enable_progress_bar",
+)
+
+
+def _same_result(override: str) -> bool:
+    key = override.lstrip("+~").split("=", 1)[0]
+    return any(key == k or key.startswith(f"{k}.") for k in SAME_RESULT_KEYS)
+
+
+def max_epochs(record: dict) -> int | None:
+    """The run's epoch cap per phase: recorded in hyperparameters, else from its overrides."""
+    recorded = (record.get("hyperparameters") or {}).get("max_epochs")
+    if recorded is not None:
+        return int(recorded)
+    for override in record["run"].get("overrides") or []:
+        key, _, value = override.lstrip("+~").partition("=")
+        if key == "trainer.max_epochs" and value.lstrip("-").isdigit():
+            return int(value)
+    return None
+
+
+def epoch_caps(runs: Iterable[dict]) -> pl.DataFrame:
+    """Per group, its runs' epoch caps: ``50``, or ``10 / 50`` when a group mixes caps."""
+    rows = [{**group_keys(record["run"]), "cap": max_epochs(record)} for record in completed(runs)]
+    frame = _frame(rows, {**NAMES, "cap": pl.Int64})
+    return frame.group_by(KEYS).agg(
+        pl.col("cap")
+        .unique()
+        .sort()
+        .cast(pl.String)
+        .fill_null("?")
+        .str.join(" / ")
+        .alias("max_epochs")
+    )
 
 
 # ------------------------------------------------------------------ formatting
@@ -349,7 +406,15 @@ def _group_cells(row: dict) -> dict[str, str]:
         "% of backbone": _percent(row["adapter_overhead_pct"]),
         "FLOPs overhead": _percent(row["flops_overhead_pct"], sign=True),
         "wall time/run": wall if wall == NO_VALUE else f"{wall}s",
+        "max epochs": _epochs_cell(row.get("max_epochs")),
     }
+
+
+def _epochs_cell(caps: str | None) -> str:
+    """``50``; ``10 / 50 (mixed!)`` when the group averages runs of different caps."""
+    if not caps:
+        return NO_VALUE
+    return f"{caps} (mixed!)" if " / " in caps else caps
 
 
 def _paired(row: dict) -> str:
@@ -396,6 +461,7 @@ GROUP_HEADERS = [
     "% of backbone",
     "FLOPs overhead",
     "wall time/run",
+    "max epochs",
 ]
 PRINTED_HEADERS = [
     "data",
@@ -417,9 +483,10 @@ def markdown_report(
     plots: dict[str, list[Path]],
     out: Path,
     diagnostics: pl.DataFrame | None = None,
+    skipped: Sequence[str] = (),
 ) -> str:
     """The report for reading: per data the groups, per-domain AUCs, gate diagnostics and
-    plots; failed runs."""
+    plots; failed runs; the files it skipped."""
     done, crashed = completed(runs), failed(runs)
     sources = ", ".join(f"`{folder}`" for folder in dirs)
     parts = [
@@ -432,12 +499,20 @@ def markdown_report(
         f"{NO_VALUE}: no value.",
     ]
     parts += [f"> warning: group {line}" for line in mixed_overrides(runs)]
+    parts += [
+        f"> warning: group {row['data']}/{row['model']}/{row['method']}/{row['experts']} "
+        f"averages runs with different trainer.max_epochs ({row['max_epochs']})"
+        for row in summary.iter_rows(named=True)
+        if " / " in (row["max_epochs"] or "")
+    ]
     if diagnostics is None:
         diagnostics = gate_diagnostics_summary(runs)
     for data in summary["data"].unique(maintain_order=True).to_list():
         parts += _data_section(data, summary, domains, plots.get(data, []), out)
         parts += _diagnostics_section(diagnostics.filter(pl.col("data") == data))
     parts += ["## Failed runs", _failed_table(crashed, dirs)]
+    if skipped:
+        parts += ["## Skipped files", "\n".join(f"- {line}" for line in skipped)]
     return "\n\n".join(parts) + "\n"
 
 
@@ -542,7 +617,12 @@ def write_report(
             f"no results.json under {', '.join(map(str, dirs))}; point it at a folder of runs, "
             "e.g. a sweep folder like multirun/DATE/TIME"
         )
-    runs = load_runs(paths)
+    skipped: list[str] = []
+    runs = load_runs(paths, skipped)
+    for line in skipped:
+        print(f"moe_mlora.report: skipped {line}", file=sys.stderr)
+    if not runs:
+        raise ReportError(f"none of the {len(paths)} results.json under the folders is usable")
     summary, domains, gates = summarize(runs), domain_summary(runs), gate_summary(runs)
     diagnostics = gate_diagnostics_summary(runs)
     out.mkdir(parents=True, exist_ok=True)
@@ -554,7 +634,9 @@ def write_report(
         csvs.append(out / "report_gate.csv")
     plots = write_plots(summary, domains, gates, out)
     markdown = out / "report.md"
-    markdown.write_text(markdown_report(dirs, runs, summary, domains, plots, out, diagnostics))
+    markdown.write_text(
+        markdown_report(dirs, runs, summary, domains, plots, out, diagnostics, skipped)
+    )
     pngs = [path for paths in plots.values() for path in paths]
     _print_summary(runs, summary, [*csvs, markdown, *pngs])
     if wandb_mode is not None:

@@ -420,6 +420,7 @@ def hyperparameters(cfg: DictConfig, module: CTRModule) -> dict:
         "embedding_dim": cfg.model.get("embedding_dim"),
         "project_pretrained": cfg.data.get("project_pretrained"),
         "freeze_pretrained": cfg.data.get("freeze_pretrained"),
+        "max_epochs": cfg.trainer.get("max_epochs"),
     }
 
 

@@ -130,6 +130,7 @@ def run_fields(cfg: DictConfig) -> dict[str, Any]:
         "seed": int(cfg.seed),
         "overrides": task_overrides(),
         "config_fingerprint": config_fingerprint(cfg),
+        "debug": cfg.get("debug_mode"),
     }
 
 

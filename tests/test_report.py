@@ -226,7 +226,7 @@ def test_groups_mixing_other_overrides_are_warned_about(tmp_path, capsys):
     [
         ("missing", "does not exist"),
         ("empty", "no results.json under"),
-        ("bad-json", "bad/results.json is not valid JSON"),
+        ("bad-json", "bad/results.json: not valid JSON"),
     ],
 )
 def test_bad_input_exits_2_with_a_message(tmp_path, capsys, setup, expected):
@@ -239,7 +239,7 @@ def test_bad_input_exits_2_with_a_message(tmp_path, capsys, setup, expected):
 
     assert main([str(target)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("moe_mlora.report: error: ")
+    assert "moe_mlora.report: error: " in err.splitlines()[-1]
     assert expected in err
     assert "Traceback" not in err
     if setup == "empty":
@@ -314,3 +314,47 @@ def test_paired_difference_against_mlora_is_per_seed(tmp_path):
     assert math.isnan(base["delta_wauc_vs_mlora"])
     main([str(tmp_path), "--out", str(tmp_path / "report")])
     assert "| +0.0133 ± 0.0058 (3) |" in (tmp_path / "report" / "report.md").read_text()
+
+
+# ------------------------------------------------------------ careless inputs
+def test_keys_that_do_not_change_results_are_not_a_difference(tmp_path, capsys):
+    write_run(tmp_path, "base", 1, 0.7, (0.7, 0.6), overrides=["threads=1", "seed=1"])
+    write_run(
+        tmp_path, "base", 2, 0.7, (0.7, 0.6),
+        overrides=["threads=2", "progress=false", "data.root=/elsewhere", "seed=2"],
+    )  # fmt: skip
+    assert main([str(tmp_path)]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_a_group_mixing_epoch_caps_says_so_in_its_row(tmp_path, capsys):
+    write_run(tmp_path, "base", 1, 0.7, (0.7, 0.6), overrides=["trainer.max_epochs=5", "seed=1"])
+    write_run(tmp_path, "base", 2, 0.7, (0.7, 0.6), overrides=["trainer.max_epochs=50", "seed=2"])
+    assert main([str(tmp_path)]) == 0
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "5 / 50 (mixed!)" in report
+    assert "averages runs with different trainer.max_epochs (5 / 50)" in report
+    summary = (tmp_path / "report" / "report.csv").read_text()
+    assert "5 / 50" in summary
+
+
+def test_foreign_truncated_and_debug_results_are_skipped_and_listed(tmp_path, capsys):
+    write_run(tmp_path, "base", 1, 0.7, (0.7, 0.6))
+    for name, text in [
+        ("truncated", '{"status": "compl'),
+        ("foreign", '{"name": "some other tool"}'),
+        ("a_list", "[1, 2]"),
+    ]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(text)
+    debug = write_run(tmp_path, "mlora", 1, 0.9, (0.9, 0.9))
+    record = json.loads((debug / "results.json").read_text())
+    record["run"]["debug"] = "fdr"
+    (debug / "results.json").write_text(json.dumps(record))
+
+    assert main([str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("moe_mlora.report: skipped") == 4
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "## Skipped files" in report and "a debug run (debug=fdr)" in report
+    assert ",mlora," not in (tmp_path / "report" / "report.csv").read_text()

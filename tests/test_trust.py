@@ -597,3 +597,29 @@ def test_in_a_terminal_the_progress_bar_names_the_phase(cache_dir, tmp_path, mon
     train_and_evaluate(compose(tiny(cache_dir, "progress=true", "trainer.max_epochs=1")), tmp_path)
     assert descriptions[0].startswith("phase 1 (joint) epoch 1")
     assert descriptions[-1].startswith("phase 2 (finetune) epoch 1")
+
+
+# ------------------------------------------------------------------ 14. debug runs
+def test_a_debug_run_goes_to_debug_and_is_marked(cache_dir, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "moe_mlora.run", "debug=default", f"paths.cache_dir={cache_dir}",
+         "data.users=200", "data.items=150", "data.ratings=6000"],
+        cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (results,) = (tmp_path / "debug").rglob("results.json")
+    record = json.loads(results.read_text())
+    assert record["run"]["debug"] == "default"
+    assert record["phases"][0]["epochs"] == 2
+    assert not (tmp_path / "outputs").exists() and not (tmp_path / "multirun").exists()
+
+
+@pytest.mark.parametrize("mode", ["fdr", "overfit"])
+def test_fast_dev_run_and_overfitting_one_batch_work(mode, cache_dir, tmp_path):
+    small = [o for o in tiny(cache_dir) if not o.startswith("trainer.")]  # debug sets epochs
+    results = train_and_evaluate(compose([*small, f"debug={mode}"]), tmp_path)
+    assert results["run"]["debug"] == mode
+    if mode == "overfit":
+        metrics = pl.read_csv(tmp_path / "csv" / "metrics.csv")
+        loss = metrics["phase1/train/loss"].drop_nulls()
+        assert len(loss) == 50 and loss[-5:].mean() < 0.6 * loss[0]  # it memorises the batch
