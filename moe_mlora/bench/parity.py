@@ -2,7 +2,7 @@
 
 Trains every backbone back to back in DeepCTR-Torch 0.3.0 and in our ``method=base``, on the
 same MovieLens split (our loader: gender domains, fields user / item / domain, per-domain
-stratified 60/20/20, split seed 123), with METHOD.md's protocol: embedding 8, tower
+stratified 60/20/20, split seed 123), with the protocol of docs/method.md: embedding 8, tower
 256-128-64, dropout 0.5, Adam lr 1e-3, batch 1024, BCE, early stopping with patience 3 on
 validation WAUC, the best weights tested once. Seeds (default 1 2 3) set model init, dropout
 and shuffling on both sides. Prints (and writes as markdown) per backbone: test AUC and WAUC

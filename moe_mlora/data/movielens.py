@@ -1,4 +1,4 @@
-"""MovieLens (ML-1M and ML-100K) as a multi-domain CTR dataset, following METHOD.md.
+"""MovieLens (ML-1M and ML-100K) as a multi-domain CTR dataset, following docs/method.md.
 
 Protocol: label = 1 iff rating == 5; users are split into domains by gender
 (2), age group (7) or occupation (21); fields are user id, item id and domain

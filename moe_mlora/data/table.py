@@ -3,7 +3,7 @@
 Each row is one sample: a user column, an item column, a domain column and a
 0/1 label column (names set in the config); any other column can be used as an
 extra categorical field by naming it in ``features``. The split is either the
-per-domain, label-stratified 60 / 20 / 20 of METHOD.md (seed 123) or a column
+per-domain, label-stratified 60 / 20 / 20 of docs/method.md (seed 123) or a column
 of the file holding ``train`` / ``val`` / ``test``.
 
 Every column is read as text and then typed the same way whatever the file

@@ -1,6 +1,6 @@
 """Taobao CloudTheme clicks (Tianchi dataset 9716) as a multi-domain CTR dataset.
 
-Protocol (METHOD.md, "Taobao"), applied exactly:
+Protocol (docs/method.md, "Taobao CloudTheme"), applied exactly:
 
 1. read ``theme_click_log.csv`` (columns ``user_id``, ``item_id``, ``theme_id``;
    others ignored) and keep the clicks whose user and item both have a vector
