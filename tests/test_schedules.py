@@ -421,6 +421,7 @@ def test_taobao_at_full_width_feeds_the_vectors_as_they_are(cache_dir, tmp_path)
         "embedding_dim": 128,
         "project_pretrained": False,
         "freeze_pretrained": True,
+        "max_epochs": 1,
     }
     from moe_mlora.serving import load_model
 
