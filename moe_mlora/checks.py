@@ -9,8 +9,10 @@ only look whether the files a source needs are there.
 
 from __future__ import annotations
 
+import difflib
 import math
 import shutil
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -73,6 +75,40 @@ def check_values(cfg: DictConfig) -> None:
     integer("method.adapter.lora_rank", adapter.get("lora_rank"), 1, "8", optional=True)
     bins = cfg.get("evaluation", {}).get("auc_bins")
     integer("evaluation.auc_bins", bins, 2, "65536", optional=True)
+
+
+def precisions() -> list:
+    """The ``trainer.precision`` values this Lightning accepts."""
+    try:
+        from lightning.fabric.connector import _PRECISION_INPUT
+    except ImportError:  # another Lightning: let the Trainer judge
+        return []
+
+    def flat(kind) -> list:
+        return [v for a in typing.get_args(kind) for v in (flat(a) if typing.get_args(a) else [a])]
+
+    return flat(_PRECISION_INPUT)
+
+
+def check_trainer_values(cfg: DictConfig) -> None:
+    """``trainer.precision`` and ``trainer.devices`` as Lightning will accept them."""
+    precision = cfg.trainer.get("precision", "32-true")
+    allowed = precisions()
+    if allowed and precision not in allowed:
+        close = difflib.get_close_matches(str(precision), [str(a) for a in allowed], n=1)
+        hint = f"did you mean trainer.precision={close[0]}? " if close else ""
+        raise ConfigError(
+            f"trainer.precision={precision!r} is not a precision; {hint}"
+            "use 32-true (default), bf16-mixed or 16-mixed"
+        )
+    devices = cfg.trainer.get("devices", "auto")
+    values = OmegaConf.to_container(devices) if OmegaConf.is_list(devices) else devices
+    parts = values if isinstance(values, list) else str(values).strip().rstrip(",").split(",")
+    if str(values) != "auto" and not all(str(p).strip().lstrip("-").isdigit() for p in parts):
+        raise ConfigError(
+            f"trainer.devices={values!r} must be a count (1), -1 (all), auto, or a list of "
+            "device ids ([0,1])"
+        )
 
 
 def check_accelerator(cfg: DictConfig) -> None:
@@ -151,6 +187,7 @@ def check_data_files(cfg: DictConfig) -> None:
 def check_run_config(cfg: DictConfig, hydra_cfg: DictConfig | None = None) -> None:
     """Everything about a run's config that can be known before any work."""
     check_values(cfg)
+    check_trainer_values(cfg)
     check_accelerator(cfg)
     check_launcher(hydra_cfg)
     check_data_files(cfg)

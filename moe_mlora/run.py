@@ -37,6 +37,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
@@ -161,7 +162,12 @@ def build_module(cfg: DictConfig, datamodule) -> CTRModule:
     model_options = OmegaConf.to_container(OmegaConf.create(model_options), resolve=True)
 
     def build(adapter: AdapterConfig):
-        return build_model(cfg.model.name, data.fields, data.num_domains, adapter, **model_options)
+        try:
+            return build_model(
+                cfg.model.name, data.fields, data.num_domains, adapter, **model_options
+            )
+        except (ValueError, TypeError) as error:  # a model option out of range: name it
+            raise ConfigError(f"model={cfg.model.name}: {error} (set in model.*)") from error
 
     if adapter.kind == "moe":
         check_expert_memory(cfg, adapter, build)
@@ -283,6 +289,8 @@ def available_devices(accelerator: str) -> tuple[int, str] | None:
 
 def requested_devices(devices) -> int | None:
     """``trainer.devices`` as a count: an int, a numeric string or a list of ids; None = auto."""
+    if OmegaConf.is_list(devices):
+        devices = OmegaConf.to_container(devices)
     if isinstance(devices, (list, tuple)):
         return max(int(d) for d in devices) + 1 if devices else None
     if isinstance(devices, str):
@@ -360,15 +368,18 @@ def trainer_factory(cfg: DictConfig, loggers: list[Logger]):
             shown = PhaseProgressBar(phase.index, phase.kind)
         else:  # no bar (a pipe, nohup, SLURM): one log line per epoch instead
             shown = EpochLog(phase.index, phase.kind, phase.spec.monitor)
-        return L.Trainer(
-            **options,
-            logger=loggers,
-            callbacks=[shown, *callbacks],
-            enable_checkpointing=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            reload_dataloaders_every_n_epochs=1 if reload else 0,
-        )
+        try:
+            return L.Trainer(
+                **options,
+                logger=loggers,
+                callbacks=[shown, *callbacks],
+                enable_checkpointing=False,
+                enable_model_summary=False,
+                num_sanity_val_steps=0,
+                reload_dataloaders_every_n_epochs=1 if reload else 0,
+            )
+        except (TypeError, ValueError, MisconfigurationException) as error:
+            raise ConfigError(f"trainer: Lightning refuses these settings: {error}") from error
 
     return make_trainer
 

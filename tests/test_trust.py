@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -334,6 +335,8 @@ def test_ctrl_c_keeps_the_checkpoints_and_prints_the_resume_command(cache_dir, t
         (["data=taobao20", "data.root=/etc/hostname"], "is a file; give the folder"),
         (["data=movielens_gender", "data.root=/etc/hostname"], "a file, not the folder"),
         (["data=table"], "data.path is not set"),
+        (["trainer.precision=bf15"], "did you mean trainer.precision=bf16?"),
+        (["trainer.devices=abc"], "trainer.devices='abc' must be a count"),
     ],
 )
 def test_a_bad_value_is_named_with_its_fix_before_any_work(overrides, expected):
@@ -357,6 +360,23 @@ def test_the_command_line_shows_one_line_and_exit_status_2(overrides, expected, 
     line = one_error_line(cli(*overrides, f"hydra.run.dir={folder}", "logger.wandb.enabled=false"))
     assert expected in line
     assert not folder.exists()  # refused before Hydra made the run folder
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("model.dropout=1.5", "model=deepfm: dropout must be in [0, 1)"),
+        ("model.embedding_dim=0", "model=deepfm: embedding_dim must be >= 1"),
+        ("trainer.devices=[0]", "trainer: Lightning refuses these settings"),
+    ],
+)
+def test_model_and_trainer_options_out_of_range_are_config_errors(
+    override, expected, cache_dir, tmp_path
+):
+    if override.startswith("trainer.devices") and torch.cuda.is_available():
+        pytest.skip("a GPU takes a list of device ids")
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        train_and_evaluate(compose(tiny(cache_dir, override)), tmp_path)
 
 
 def test_values_are_checked_for_api_callers_too(cache_dir, tmp_path):
