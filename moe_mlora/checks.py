@@ -184,12 +184,27 @@ def check_data_files(cfg: DictConfig) -> None:
         check(cfg.data)
 
 
-def check_run_config(cfg: DictConfig, hydra_cfg: DictConfig | None = None) -> None:
+def check_folders(cfg: DictConfig, hydra_cfg: DictConfig | None, multirun: bool) -> None:
+    """The run (or sweep) folder and ``resume`` must be folders, not files."""
+    named = [("resume", cfg.get("resume"))]
+    if hydra_cfg is not None:
+        key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+        named.append((key, OmegaConf.select(hydra_cfg, key.removeprefix("hydra."))))
+    for key, value in named:
+        if value is not None and Path(str(value)).exists() and not Path(str(value)).is_dir():
+            raise ConfigError(f"{key}={value} is a file; a run folder must be a folder")
+
+
+def check_run_config(
+    cfg: DictConfig, hydra_cfg: DictConfig | None = None, multirun: bool = False
+) -> None:
     """Everything about a run's config that can be known before any work."""
     check_values(cfg)
     check_trainer_values(cfg)
     check_accelerator(cfg)
-    check_launcher(hydra_cfg)
+    if multirun:
+        check_launcher(hydra_cfg)
+    check_folders(cfg, hydra_cfg, multirun)
     check_data_files(cfg)
 
 

@@ -116,7 +116,7 @@ def check_job(job: list[str], multirun: bool, compose, describe: bool) -> str | 
     run_cfg = OmegaConf.create(with_hydra)
     OmegaConf.set_struct(run_cfg, True)
     try:
-        check_run_config(run_cfg, hydra_cfg if multirun else None)
+        check_run_config(run_cfg, hydra_cfg, multirun)
         schedule_spec(run_cfg)
     except (ConfigError, DataError) as error:
         where = f" (in the sweep's job {' '.join(job)})" if describe else ""

@@ -44,6 +44,7 @@ from torch.nn.parallel import DistributedDataParallel
 from moe_mlora.allocator import configure_allocator
 from moe_mlora.checks import check_memory, check_run_config
 from moe_mlora.config import CONF_DIR, ConfigError, check_conf_dir, register_resolvers
+from moe_mlora.data.cache import usable_cache_dir
 from moe_mlora.data.device import place_on_gpu
 from moe_mlora.data.processed import DataError
 from moe_mlora.distributed import barrier, externally_launched, is_global_zero
@@ -597,7 +598,10 @@ def _train_and_evaluate(cfg: DictConfig, output_dir: Path) -> dict:
         raise ConfigError(str(error)) from None
     L.seed_everything(int(cfg.seed), verbose=False)
     datamodule = instantiate(
-        cfg.data, shuffle_seed=int(cfg.seed), cache_dir=cfg.paths.cache_dir, progress=cfg.progress
+        cfg.data,
+        shuffle_seed=int(cfg.seed),
+        cache_dir=usable_cache_dir(cfg.paths.cache_dir),
+        progress=cfg.progress,
     )
     datamodule.prepare()
     log.info("data\n%s", datamodule.describe())

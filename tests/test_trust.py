@@ -242,6 +242,17 @@ def test_a_full_cache_disk_is_a_warning_and_the_run_goes_on(
     assert list((tmp_path / "processed").iterdir()) == []  # no staging folder left
 
 
+@pytest.mark.parametrize("kind", ["a file", "not creatable"])
+def test_an_unusable_cache_folder_is_a_warning_and_a_temporary_one_is_used(kind, tmp_path, caplog):
+    wanted = tmp_path / "taken"
+    wanted.write_text("")
+    if kind == "not creatable":
+        wanted = wanted / "below"
+    used = cache_code.usable_cache_dir(wanted)
+    assert used != wanted and used.is_dir()
+    assert "cannot be written" in caplog.text and str(wanted) in caplog.text
+
+
 def test_a_killed_cache_build_leaves_no_staging_folder_for_long(tmp_path):
     processed = tmp_path / "processed"
     dead = subprocess.run(
@@ -336,6 +347,8 @@ def test_ctrl_c_keeps_the_checkpoints_and_prints_the_resume_command(cache_dir, t
         (["data=movielens_gender", "data.root=/etc/hostname"], "a file, not the folder"),
         (["data=table"], "data.path is not set"),
         (["trainer.precision=bf15"], "did you mean trainer.precision=bf16?"),
+        (["hydra.run.dir=/etc/hostname"], "hydra.run.dir=/etc/hostname is a file"),
+        (["resume=/etc/hostname"], "resume=/etc/hostname is a file"),
         (["trainer.devices=abc"], "trainer.devices='abc' must be a count"),
     ],
 )

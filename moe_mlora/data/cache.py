@@ -16,6 +16,7 @@ be written (a full or read-only disk) is a warning: the run goes on uncached.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import logging
@@ -44,6 +45,26 @@ def default_cache_dir() -> Path:
     if xdg:
         return Path(xdg).expanduser() / "moe_mlora"
     return Path.home() / ".cache" / "moe_mlora"
+
+
+def usable_cache_dir(wanted: str | Path | None) -> Path:
+    """The cache folder to use: ``wanted`` (or the default) when it can be written, else a
+    temporary folder removed at exit, with a warning: a cache is never a reason to fail."""
+    folder = Path(wanted).expanduser() if wanted else default_cache_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = Path(tempfile.mkstemp(prefix=".write-test-", dir=folder)[1])
+        probe.unlink()
+        return folder
+    except OSError as error:
+        fallback = Path(tempfile.mkdtemp(prefix="moe_mlora-cache-"))
+        atexit.register(shutil.rmtree, fallback, ignore_errors=True)
+        log.warning(
+            "cache folder %s cannot be written (%s); this run keeps no cache and generates "
+            "its files in %s (set paths.cache_dir or $MOE_MLORA_CACHE to a writable folder)",
+            folder, error.strerror or error, fallback,
+        )  # fmt: skip
+        return fallback
 
 
 def file_fingerprint(paths: Iterable[Path]) -> list[dict]:
