@@ -90,4 +90,8 @@ def run_cli(
     except (ServingError, DataError) as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # a path that cannot be read or written: name it, no traceback
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"{prog}: error: {where}{error.strerror or error}", file=sys.stderr)
+        return 2
     return 0

@@ -656,3 +656,15 @@ def test_fast_dev_run_and_overfitting_one_batch_work(mode, cache_dir, tmp_path):
         metrics = pl.read_csv(tmp_path / "csv" / "metrics.csv")
         loss = metrics["phase1/train/loss"].drop_nulls()
         assert len(loss) == 50 and loss[-5:].mean() < 0.6 * loss[0]  # it memorises the batch
+
+
+def test_export_into_a_folder_it_cannot_make_is_one_line(finished, tmp_path):
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")
+    result = subprocess.run(
+        [sys.executable, "-m", "moe_mlora.export", f"ckpt={finished}", "format=torchscript",
+         f"output={blocked}/m.ts"],
+        env=ENV, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("moe_mlora.export: error:") and str(blocked) in result.stderr
