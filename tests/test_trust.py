@@ -668,3 +668,12 @@ def test_export_into_a_folder_it_cannot_make_is_one_line(finished, tmp_path):
     )  # fmt: skip
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.startswith("moe_mlora.export: error:") and str(blocked) in result.stderr
+
+
+def test_without_a_bar_taobao_preprocessing_logs_each_stage(cloudtheme, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="moe_mlora"):
+        build_taobao(cloudtheme, themes=2, progress=False)
+    stages = [r.getMessage() for r in caplog.records if "preprocessing" in r.getMessage()]
+    assert len(stages) == 5 and stages[3] == "Taobao-2 preprocessing: negatives (stage 4 of 5)"

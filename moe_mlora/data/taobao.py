@@ -493,22 +493,32 @@ def build_taobao(
     clicks_file, users_file, items_file = check_root(root)
     disable = None if progress is None else not progress
     bar = tqdm(total=5, desc=f"Taobao-{themes}", unit="stage", disable=disable)
+
+    stages = ["clicks", "vectors", "filter", "negatives", "split"]
+
+    def stage(name: str) -> None:
+        """The bar's stage; without a bar (a pipe, a job log) a log line instead."""
+        bar.set_postfix_str(name)
+        if bar.disable:
+            number = stages.index(name) + 1
+            log.info("Taobao-%d preprocessing: %s (stage %d of 5)", themes, name, number)
+
     try:
-        bar.set_postfix_str("clicks")
+        stage("clicks")
         frame = read_clicks(clicks_file)
         bar.update()
-        bar.set_postfix_str("vectors")
+        stage("vectors")
         users, items = read_vectors(users_file), read_vectors(items_file)
         bar.update()
-        bar.set_postfix_str("filter")
+        stage("filter")
         clicks = select_clicks(frame, users, items, int(themes))
         del frame
         _log_report(root, clicks.report)
         bar.update()
-        bar.set_postfix_str("negatives")
+        stage("negatives")
         theme, user, item, label, ratios = sample_negatives(clicks, seed, ctr_ratio, disable)
         bar.update()
-        bar.set_postfix_str("split")
+        stage("split")
         data = _assemble(clicks, theme, user, item, label, ratios, seed, fractions)
         bar.update()
     finally:
