@@ -162,11 +162,15 @@ def build_module(cfg: DictConfig, datamodule) -> CTRModule:
     model_options = {k: v for k, v in cfg.model.items() if k != "name"}
     model_options = OmegaConf.to_container(OmegaConf.create(model_options), resolve=True)
 
+    tower = cfg.method.get("tower")
+    tower = OmegaConf.to_container(tower, resolve=True) if tower is not None else None
+
     def build(adapter: AdapterConfig):
         try:
             return build_model(
-                cfg.model.name, data.fields, data.num_domains, adapter, **model_options
-            )
+                cfg.model.name, data.fields, data.num_domains, adapter, tower=tower,
+                **model_options,
+            )  # fmt: skip
         except (ValueError, TypeError) as error:  # a model option out of range: name it
             raise ConfigError(f"model={cfg.model.name}: {error} (set in model.*)") from error
 

@@ -18,6 +18,7 @@ from moe_mlora.models.backbones.nfm import NFM
 from moe_mlora.models.backbones.pnn import PNN
 from moe_mlora.models.backbones.wdl import WDL
 from moe_mlora.models.backbones.xdeepfm import XDeepFM
+from moe_mlora.models.multidomain import TowerConfig
 
 MODELS: dict[str, type[CTRModel]] = {
     "autoint": AutoInt,
@@ -53,11 +54,15 @@ def build_model(
     embedding_dim: int = 8,
     hidden_units: Sequence[int] = (256, 128, 64),
     dropout: float = 0.5,
+    tower: TowerConfig | Mapping[str, Any] | None = None,
     **model_kwargs: Any,
 ) -> CTRModel:
-    """Backbone ``name`` with the given adapter on its DNN tower's Linear layers."""
+    """Backbone ``name`` with the given adapter on its DNN tower's Linear layers, or with a
+    multi-domain tower (``tower``: Shared-Bottom, MMoE, PLE, STAR, PEPNet) in its place."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choices are {sorted(MODELS)}")
+    if not isinstance(tower, TowerConfig):
+        tower = TowerConfig.from_mapping(tower)
     return MODELS[name](
         list(fields),
         num_domains,
@@ -65,6 +70,7 @@ def build_model(
         embedding_dim=embedding_dim,
         hidden_units=tuple(hidden_units),
         dropout=dropout,
+        tower=tower,
         **model_kwargs,
     )
 

@@ -18,6 +18,7 @@ from moe_mlora.data.processed import FieldSpec
 from moe_mlora.models.adapters import AdapterConfig
 from moe_mlora.models.backbones.base import CTRModel
 from moe_mlora.models.layers import FirstOrderLinear, InteractingLayer
+from moe_mlora.models.multidomain import TowerConfig
 
 
 class AutoInt(CTRModel):
@@ -29,12 +30,13 @@ class AutoInt(CTRModel):
         embedding_dim: int = 8,
         hidden_units: Sequence[int] = (256, 128, 64),
         dropout: float = 0.5,
+        tower: TowerConfig | None = None,
         att_layer_num: int = 3,
         att_head_num: int = 2,
         att_res: bool = True,
         att_scaling: bool = False,
     ) -> None:
-        super().__init__(fields, num_domains, adapter, embedding_dim)
+        super().__init__(fields, num_domains, adapter, embedding_dim, tower)
         if att_layer_num < 1:
             raise ValueError(f"att_layer_num must be >= 1, got {att_layer_num}; use model=mlp")
         self.linear = FirstOrderLinear(fields)

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from moe_mlora.data.processed import FieldSpec
 from moe_mlora.models.adapters import AdapterConfig, build_adapter
 from moe_mlora.models.features import FieldEmbeddings
+from moe_mlora.models.multidomain import DNN, MultiDomainTower, TowerConfig, build_tower
 from moe_mlora.models.tower import Tower
 
 
@@ -28,7 +29,7 @@ class CTRModel(nn.Module):
     mlora -> "domain", moe -> "mixture".
     """
 
-    tower: Tower  # set by every subclass through make_tower
+    tower: Tower | MultiDomainTower  # set by every subclass through make_tower
 
     def __init__(
         self,
@@ -36,14 +37,29 @@ class CTRModel(nn.Module):
         num_domains: int,
         adapter: AdapterConfig,
         embedding_dim: int,
+        tower: TowerConfig | None = None,
     ) -> None:
         super().__init__()
         self.num_domains = num_domains
         self.adapter_config = adapter
+        self.tower_config = tower or TowerConfig()
+        if self.tower_config.kind != DNN and adapter.kind != "none":
+            raise ValueError(
+                f"tower.kind={self.tower_config.kind} is a multi-domain structure of its own; "
+                f"it takes no adapter (adapter.kind={adapter.kind}): use adapter.kind=none"
+            )
         self.embeddings = FieldEmbeddings(fields, embedding_dim)
 
-    def make_tower(self, input_dim: int, hidden_units: Sequence[int], dropout: float) -> Tower:
-        """The DNN tower, carrying the configured adapter on each of its Linear layers."""
+    def make_tower(
+        self, input_dim: int, hidden_units: Sequence[int], dropout: float
+    ) -> Tower | MultiDomainTower:
+        """The DNN tower carrying the configured adapter, or the configured multi-domain tower
+        (``method.tower.kind``: shared_bottom, mmoe, ple, star, pepnet) in its place."""
+        if self.tower_config.kind != DNN:
+            shape = (self.embeddings.num_fields, self.embeddings.dim)
+            return build_tower(
+                self.tower_config, self.num_domains, input_dim, hidden_units, dropout, shape
+            )
         adapter = build_adapter(self.adapter_config, self.num_domains, input_dim)
         return Tower(input_dim, hidden_units, dropout, adapter)
 
@@ -60,8 +76,13 @@ class CTRModel(nn.Module):
     def forward(self, sparse: Tensor, domain: Tensor, expert: Tensor | None = None) -> Tensor:
         """Logits ``[B]`` (no sigmoid). ``expert [B]`` is needed only with routing "expert"."""
         embeddings = self.embeddings(sparse)
-        deep = self.tower(self.tower_input(embeddings), domain, expert)
-        return self.head(sparse, embeddings, deep)
+        gate = getattr(self.tower, "embedding_gate", None)  # PEPNet's EPNet
+        if gate is not None:
+            embeddings = gate(embeddings, domain)
+        tower_input = self.tower_input(embeddings)
+        logits = self.head(sparse, embeddings, self.tower(tower_input, domain, expert))
+        offset = getattr(self.tower, "logit_offset", None)  # STAR's auxiliary network
+        return logits if offset is None else logits + offset(tower_input, domain)
 
     def gate_weights(self, sparse: Tensor, domain: Tensor) -> Tensor:
         """MoE only: the gate's softmax weights ``[B, E]`` (whatever the routing)."""
@@ -104,14 +125,22 @@ class CTRModel(nn.Module):
         adapter_ids = {id(p) for p in self.expert_parameters() + self.gate_parameters()}
         return [p for p in self.parameters() if id(p) not in adapter_ids]
 
+    def domain_parameters(self) -> list[nn.Parameter]:
+        """A multi-domain tower's per-domain parts (trained with the backbone); else none."""
+        parts = getattr(self.tower, "domain_parameters", None)
+        return parts() if parts is not None else []
+
     def parameter_counts(self) -> dict[str, int]:
-        """Element counts: ``backbone``, ``adapter`` (all experts), ``gate``, ``total``.
+        """Element counts: ``backbone``, ``adapter`` (all experts, or a multi-domain tower's
+        per-domain parts), ``gate``, ``total``.
 
         Frozen pretrained tables are buffers, not parameters, so not counted.
         """
+        per_domain = self.expert_parameters() + self.domain_parameters()
+        shared = {id(p) for p in per_domain}
         counts = {
-            "backbone": _numel(self.backbone_parameters()),
-            "adapter": _numel(self.expert_parameters()),
+            "backbone": _numel([p for p in self.backbone_parameters() if id(p) not in shared]),
+            "adapter": _numel(per_domain),
             "gate": _numel(self.gate_parameters()),
         }
         counts["total"] = sum(counts.values())

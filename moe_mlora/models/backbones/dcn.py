@@ -17,6 +17,7 @@ from moe_mlora.data.processed import FieldSpec
 from moe_mlora.models.adapters import AdapterConfig
 from moe_mlora.models.backbones.base import CTRModel
 from moe_mlora.models.layers import CrossNet, FirstOrderLinear
+from moe_mlora.models.multidomain import TowerConfig
 
 
 class DCN(CTRModel):
@@ -28,10 +29,11 @@ class DCN(CTRModel):
         embedding_dim: int = 8,
         hidden_units: Sequence[int] = (256, 128, 64),
         dropout: float = 0.5,
+        tower: TowerConfig | None = None,
         cross_num: int = 2,
         cross_parameterization: str = "vector",
     ) -> None:
-        super().__init__(fields, num_domains, adapter, embedding_dim)
+        super().__init__(fields, num_domains, adapter, embedding_dim, tower)
         if cross_num < 1:
             raise ValueError(f"cross_num must be >= 1, got {cross_num}; use model=mlp")
         width = self.embeddings.output_dim

@@ -14,6 +14,7 @@ from moe_mlora.data.processed import FieldSpec
 from moe_mlora.models.adapters import AdapterConfig
 from moe_mlora.models.backbones.base import CTRModel
 from moe_mlora.models.layers import FactorizationMachine, FirstOrderLinear
+from moe_mlora.models.multidomain import TowerConfig
 
 
 class DeepFM(CTRModel):
@@ -25,8 +26,9 @@ class DeepFM(CTRModel):
         embedding_dim: int = 8,
         hidden_units: Sequence[int] = (256, 128, 64),
         dropout: float = 0.5,
+        tower: TowerConfig | None = None,
     ) -> None:
-        super().__init__(fields, num_domains, adapter, embedding_dim)
+        super().__init__(fields, num_domains, adapter, embedding_dim, tower)
         self.linear = FirstOrderLinear(fields)
         self.fm = FactorizationMachine()
         self.tower = self.make_tower(self.embeddings.output_dim, hidden_units, dropout)

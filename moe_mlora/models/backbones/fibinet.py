@@ -18,6 +18,7 @@ from moe_mlora.data.processed import FieldSpec
 from moe_mlora.models.adapters import AdapterConfig
 from moe_mlora.models.backbones.base import CTRModel
 from moe_mlora.models.layers import BilinearInteraction, FirstOrderLinear, SENETLayer
+from moe_mlora.models.multidomain import TowerConfig
 
 
 class FiBiNET(CTRModel):
@@ -29,10 +30,11 @@ class FiBiNET(CTRModel):
         embedding_dim: int = 8,
         hidden_units: Sequence[int] = (256, 128, 64),
         dropout: float = 0.5,
+        tower: TowerConfig | None = None,
         bilinear_type: str = "interaction",
         reduction_ratio: int = 3,
     ) -> None:
-        super().__init__(fields, num_domains, adapter, embedding_dim)
+        super().__init__(fields, num_domains, adapter, embedding_dim, tower)
         num_fields = len(fields)
         self.linear = FirstOrderLinear(fields)
         self.senet = SENETLayer(num_fields, reduction_ratio)

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from moe_mlora.data.processed import FieldSpec
 from moe_mlora.models.adapters import AdapterConfig
 from moe_mlora.models.backbones.base import CTRModel
+from moe_mlora.models.multidomain import TowerConfig
 
 
 class MLP(CTRModel):
@@ -20,8 +21,9 @@ class MLP(CTRModel):
         embedding_dim: int = 8,
         hidden_units: Sequence[int] = (256, 128, 64),
         dropout: float = 0.5,
+        tower: TowerConfig | None = None,
     ) -> None:
-        super().__init__(fields, num_domains, adapter, embedding_dim)
+        super().__init__(fields, num_domains, adapter, embedding_dim, tower)
         self.tower = self.make_tower(self.embeddings.output_dim, hidden_units, dropout)
         self.out = nn.Linear(self.tower.output_dim, 1)
 

@@ -16,6 +16,7 @@ from moe_mlora.data.processed import FieldSpec
 from moe_mlora.models.adapters import AdapterConfig
 from moe_mlora.models.backbones.base import CTRModel
 from moe_mlora.models.layers import BiInteractionPooling, Dropout, FirstOrderLinear
+from moe_mlora.models.multidomain import TowerConfig
 
 
 class NFM(CTRModel):
@@ -27,9 +28,10 @@ class NFM(CTRModel):
         embedding_dim: int = 8,
         hidden_units: Sequence[int] = (256, 128, 64),
         dropout: float = 0.5,
+        tower: TowerConfig | None = None,
         bi_dropout: float = 0.0,
     ) -> None:
-        super().__init__(fields, num_domains, adapter, embedding_dim)
+        super().__init__(fields, num_domains, adapter, embedding_dim, tower)
         self.linear = FirstOrderLinear(fields)
         self.bi_pooling = BiInteractionPooling()
         self.bi_dropout = Dropout(bi_dropout)

@@ -19,6 +19,7 @@ from moe_mlora.data.processed import FieldSpec
 from moe_mlora.models.adapters import AdapterConfig
 from moe_mlora.models.backbones.base import CTRModel
 from moe_mlora.models.layers import InnerProduct, OuterProduct
+from moe_mlora.models.multidomain import TowerConfig
 
 
 class PNN(CTRModel):
@@ -30,11 +31,12 @@ class PNN(CTRModel):
         embedding_dim: int = 8,
         hidden_units: Sequence[int] = (256, 128, 64),
         dropout: float = 0.5,
+        tower: TowerConfig | None = None,
         use_inner: bool = True,
         use_outer: bool = False,
         kernel_type: str = "mat",
     ) -> None:
-        super().__init__(fields, num_domains, adapter, embedding_dim)
+        super().__init__(fields, num_domains, adapter, embedding_dim, tower)
         num_fields = len(fields)
         self.inner = InnerProduct(num_fields) if use_inner else None
         self.outer = OuterProduct(num_fields, embedding_dim, kernel_type) if use_outer else None

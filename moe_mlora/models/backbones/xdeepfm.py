@@ -15,6 +15,7 @@ from moe_mlora.data.processed import FieldSpec
 from moe_mlora.models.adapters import AdapterConfig
 from moe_mlora.models.backbones.base import CTRModel
 from moe_mlora.models.layers import CIN, FirstOrderLinear
+from moe_mlora.models.multidomain import TowerConfig
 
 
 class XDeepFM(CTRModel):
@@ -26,11 +27,12 @@ class XDeepFM(CTRModel):
         embedding_dim: int = 8,
         hidden_units: Sequence[int] = (256, 128, 64),
         dropout: float = 0.5,
+        tower: TowerConfig | None = None,
         cin_layer_size: Sequence[int] = (256, 128),
         cin_split_half: bool = True,
         cin_activation: str = "relu",
     ) -> None:
-        super().__init__(fields, num_domains, adapter, embedding_dim)
+        super().__init__(fields, num_domains, adapter, embedding_dim, tower)
         self.linear = FirstOrderLinear(fields)
         self.cin = CIN(len(fields), tuple(cin_layer_size), cin_activation, cin_split_half)
         self.cin_out = nn.Linear(self.cin.output_dim, 1, bias=False)

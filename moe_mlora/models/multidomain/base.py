@@ -1,0 +1,139 @@
+"""What every multi-domain tower shares: the contract, and per-domain products without loops.
+
+A *multi-domain tower* replaces a backbone's DNN tower (the adapted :class:`Tower`) with a
+structure that is multi-domain by construction: per-domain towers, experts with per-domain
+gates, star-topology weights. The backbone does not change: it hands the tower its input
+and reads ``[B, output_dim]`` back, as with any tower. The contract:
+
+* ``forward(x, domain, expert=None) -> [B, output_dim]``;
+* ``domain_parameters()``: the per-domain parts (counted apart from the shared backbone in
+  results.json; trained with it, as the one-phase ``base`` schedule does);
+* optional ``embedding_gate(embeddings, domain)`` (rescales the field embeddings before the
+  backbone reads them: PEPNet's EPNet) and ``logit_offset(x, domain)`` (added to the
+  backbone's logit: STAR's auxiliary network);
+* ``adapter``: a "none" adapter, so routing, experts and the gate read as "no adapter" to
+  the schedules (these towers are not adapters and take no routing but "off").
+
+:class:`DomainGroups` gives per-domain Linear layers in one batched product: the rows are
+sorted by domain into a padded ``[D, rows of the largest domain, in]`` block and multiplied
+by the ``[D, in, out]`` weights with one ``bmm``. Each row meets only its own domain's
+weights (no D-fold product), and no Python loop runs over the domains.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from moe_mlora.models.adapters import AdapterConfig, build_adapter
+from moe_mlora.models.layers import Dropout
+
+
+class DomainGroups:
+    """The rows of a batch grouped by domain, to apply per-domain weights in one ``bmm``."""
+
+    def __init__(self, domain: Tensor, num_domains: int) -> None:
+        self.num_domains = num_domains
+        self.domain = domain
+        self.order = torch.argsort(domain, stable=True)
+        self.sorted_domain = domain[self.order]
+        counts = torch.bincount(domain, minlength=num_domains)
+        starts = torch.cumsum(counts, 0) - counts
+        self.position = torch.arange(len(domain), device=domain.device) - starts[self.sorted_domain]
+        self.rows = int(counts.max()) if len(domain) else 0
+
+    def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        """``x [B, in]`` times its row's domain's ``weight [D, in, out]`` (+ ``bias [D, out]``)."""
+        padded = x.new_zeros(self.num_domains, self.rows, x.shape[1])
+        padded[self.sorted_domain, self.position] = x[self.order]
+        product = torch.bmm(padded, weight)[self.sorted_domain, self.position]
+        out = torch.empty_like(product)
+        out[self.order] = product
+        return out if bias is None else out + bias[self.domain]
+
+
+def linear_init(weight: Tensor, bias: Tensor | None, fan_in: int) -> None:
+    """nn.Linear's initialisation, for stacked ``[G, in, out]`` weights."""
+    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+    nn.init.uniform_(weight, -bound, bound)
+    if bias is not None:
+        nn.init.uniform_(bias, -bound, bound)
+
+
+class StackedLinear(nn.Module):
+    """G Linear layers in one tensor: ``[B, in]`` or ``[B, G, in]`` -> ``[B, G, out]``."""
+
+    def __init__(self, groups: int, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(groups, in_features, out_features))
+        self.bias = nn.Parameter(torch.empty(groups, out_features))
+        linear_init(self.weight, self.bias, in_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 2:  # the same input for every group: one GEMM
+            groups, width, out = self.weight.shape
+            flat = x @ self.weight.permute(1, 0, 2).reshape(width, groups * out)
+            return flat.view(len(x), groups, out) + self.bias
+        return torch.einsum("bgi,gio->bgo", x, self.weight) + self.bias
+
+
+class StackedMLP(nn.Module):
+    """G MLPs (Linear, ReLU, dropout) side by side: ``[B, in]`` -> ``[B, G, units[-1]]``."""
+
+    def __init__(self, groups: int, in_features: int, units: Sequence[int], dropout: float):
+        super().__init__()
+        dims = [in_features, *units]
+        self.layers = nn.ModuleList(
+            StackedLinear(groups, i, o) for i, o in itertools.pairwise(dims)
+        )
+        self.dropout = Dropout(dropout)
+        self.output_dim = dims[-1]
+
+    def forward(self, x: Tensor) -> Tensor:
+        for layer in self.layers:
+            x = self.dropout(torch.relu(layer(x)))
+        return x
+
+
+class DomainMLP(nn.Module):
+    """One MLP per domain; each row goes through its own domain's (see :class:`DomainGroups`)."""
+
+    def __init__(self, num_domains: int, in_features: int, units: Sequence[int], dropout: float):
+        super().__init__()
+        dims = [in_features, *units]
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        for i, o in itertools.pairwise(dims):
+            weight = nn.Parameter(torch.empty(num_domains, i, o))
+            bias = nn.Parameter(torch.empty(num_domains, o))
+            linear_init(weight, bias, i)
+            self.weights.append(weight)
+            self.biases.append(bias)
+        self.dropout = Dropout(dropout)
+        self.output_dim = dims[-1]
+
+    def forward(self, x: Tensor, groups: DomainGroups) -> Tensor:
+        for weight, bias in zip(self.weights, self.biases, strict=True):
+            x = self.dropout(torch.relu(groups.linear(x, weight, bias)))
+        return x
+
+
+class MultiDomainTower(nn.Module):
+    """Base of the multi-domain towers (see the module docstring for the contract)."""
+
+    def __init__(self, num_domains: int, input_dim: int) -> None:
+        super().__init__()
+        self.num_domains = num_domains
+        self.input_dim = input_dim
+        self.adapter = build_adapter(AdapterConfig(kind="none"), num_domains, input_dim)
+        self.layers = nn.ModuleList()  # no adapted layers: no LoRA experts
+        self.routing = "off"
+        self.output_dim = input_dim
+
+    def domain_parameters(self) -> list[nn.Parameter]:
+        """The per-domain parameters; every tower names its own."""
+        raise NotImplementedError

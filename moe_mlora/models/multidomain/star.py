@@ -1,0 +1,125 @@
+"""STAR (Sheng et al., "One Model to Serve All: Star Topology Adaptive Recommender for
+Multi-Domain CTR Prediction", CIKM 2021).
+
+* **Partitioned normalization** of the tower input: ``(gamma * gamma_d) x_hat + (beta +
+  beta_d)``; ``x_hat`` uses the batch's statistics in training and domain ``d``'s moving
+  averages in evaluation.
+* **Star-topology FCN**: every layer's weight is the shared weight times (elementwise) the
+  domain's, its bias the sum: ``W = W_shared * W_d``, ``b = b_shared + b_d``. The domain
+  weights start at 1 and their biases at 0, so training starts from the shared network.
+* **Auxiliary network**: a small MLP over the domain's embedding and the tower input whose
+  output is added to the backbone's logit (``logit_offset``).
+
+Defaults: the backbone's hidden units and dropout for the FCN, a 2-layer auxiliary MLP
+(domain embedding 8, hidden 32), normalization momentum 0.1.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from moe_mlora.models.layers import Dropout
+from moe_mlora.models.multidomain.base import DomainGroups, MultiDomainTower, linear_init
+
+
+class PartitionedNorm(nn.Module):
+    """BatchNorm whose scale and shift are shared x per-domain, with per-domain moving stats."""
+
+    def __init__(self, num_domains: int, width: int, momentum: float = 0.1, eps: float = 1e-5):
+        super().__init__()
+        self.momentum, self.eps = momentum, eps
+        self.gamma = nn.Parameter(torch.ones(width))
+        self.beta = nn.Parameter(torch.zeros(width))
+        self.domain_gamma = nn.Parameter(torch.ones(num_domains, width))
+        self.domain_beta = nn.Parameter(torch.zeros(num_domains, width))
+        self.register_buffer("running_mean", torch.zeros(num_domains, width))
+        self.register_buffer("running_var", torch.ones(num_domains, width))
+
+    def forward(self, x: Tensor, domain: Tensor) -> Tensor:
+        if self.training:
+            mean, var = x.mean(0), x.var(0, unbiased=False)
+            normalized = (x - mean) / torch.sqrt(var + self.eps)
+            self._update_statistics(x.detach(), domain)
+        else:
+            mean, var = self.running_mean[domain], self.running_var[domain]
+            normalized = (x - mean) / torch.sqrt(var + self.eps)
+        scale = self.gamma * self.domain_gamma[domain]
+        return scale * normalized + self.beta + self.domain_beta[domain]
+
+    @torch.no_grad()
+    def _update_statistics(self, x: Tensor, domain: Tensor) -> None:
+        """Each domain's moving mean and variance, from its rows of the batch (vectorised)."""
+        domains = len(self.running_mean)
+        counts = torch.bincount(domain, minlength=domains).to(x.dtype).unsqueeze(1)
+        sums = torch.zeros_like(self.running_mean).index_add_(0, domain, x)
+        squares = torch.zeros_like(self.running_mean).index_add_(0, domain, x * x)
+        seen = counts > 1
+        mean = sums / counts.clamp(min=1)
+        var = (squares / counts.clamp(min=1) - mean * mean).clamp(min=0)
+        step = self.momentum * seen.to(x.dtype)
+        self.running_mean.mul_(1 - step).add_(step * mean)
+        self.running_var.mul_(1 - step).add_(step * var)
+
+
+class STAR(MultiDomainTower):
+    def __init__(
+        self,
+        num_domains: int,
+        input_dim: int,
+        hidden_units: Sequence[int],
+        dropout: float,
+        auxiliary_units: Sequence[int] = (32,),
+        domain_embedding_dim: int = 8,
+        momentum: float = 0.1,
+    ) -> None:
+        super().__init__(num_domains, input_dim)
+        dims = [input_dim, *hidden_units]
+        self.norm = PartitionedNorm(num_domains, input_dim, momentum)
+        self.shared_weights = nn.ParameterList()
+        self.shared_biases = nn.ParameterList()
+        self.domain_weights = nn.ParameterList()
+        self.domain_biases = nn.ParameterList()
+        for i, o in itertools.pairwise(dims):
+            weight, bias = nn.Parameter(torch.empty(i, o)), nn.Parameter(torch.empty(o))
+            linear_init(weight, bias, i)
+            self.shared_weights.append(weight)
+            self.shared_biases.append(bias)
+            self.domain_weights.append(nn.Parameter(torch.ones(num_domains, i, o)))
+            self.domain_biases.append(nn.Parameter(torch.zeros(num_domains, o)))
+        self.dropout = Dropout(dropout)
+        self.output_dim = dims[-1]
+        self.domain_embedding = nn.Embedding(num_domains, domain_embedding_dim)
+        aux_dims = [domain_embedding_dim + input_dim, *auxiliary_units]
+        layers: list[nn.Module] = []
+        for i, o in itertools.pairwise(aux_dims):
+            layers += [nn.Linear(i, o), nn.ReLU()]
+        self.auxiliary = nn.Sequential(*layers, nn.Linear(aux_dims[-1], 1))
+
+    def forward(self, x: Tensor, domain: Tensor, expert: Tensor | None = None) -> Tensor:
+        groups = DomainGroups(domain, self.num_domains)
+        x = self.norm(x, domain)
+        for shared_w, shared_b, domain_w, domain_b in zip(
+            self.shared_weights,
+            self.shared_biases,
+            self.domain_weights,
+            self.domain_biases,
+            strict=True,
+        ):
+            weight = shared_w.unsqueeze(0) * domain_w  # [D, in, out]: W_shared * W_d
+            x = self.dropout(torch.relu(groups.linear(x, weight, domain_b) + shared_b))
+        return x
+
+    def logit_offset(self, x: Tensor, domain: Tensor) -> Tensor:
+        """The auxiliary network's logit, added to the backbone's."""
+        features = torch.cat([self.domain_embedding(domain), x], dim=1)
+        return self.auxiliary(features).squeeze(1)
+
+    def domain_parameters(self) -> list[nn.Parameter]:
+        return [
+            self.norm.domain_gamma, self.norm.domain_beta,
+            *self.domain_weights, *self.domain_biases, self.domain_embedding.weight,
+        ]  # fmt: skip
