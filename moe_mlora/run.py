@@ -473,7 +473,7 @@ def summary_table(results: dict, reports: list[PhaseReport]) -> str:
     )
     params, flops = results["parameters"], results["flops"]
     lines.append(
-        f"parameters: backbone {params['backbone']:,} · adapter+gate {params['adapter_overhead']:,}"
+        f"parameters: backbone {params['backbone']:,} · per-domain+gate {params['adapter_overhead']:,}"
         f" ({params['adapter_overhead_pct']:.1f}% of backbone)"
     )
     lines.append(
