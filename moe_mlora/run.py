@@ -473,8 +473,8 @@ def summary_table(results: dict, reports: list[PhaseReport]) -> str:
     )
     params, flops = results["parameters"], results["flops"]
     lines.append(
-        f"parameters: backbone {params['backbone']:,} · per-domain+gate {params['adapter_overhead']:,}"
-        f" ({params['adapter_overhead_pct']:.1f}% of backbone)"
+        f"parameters: backbone {params['backbone']:,} · per-domain parts and gate "
+        f"{params['adapter_overhead']:,} ({params['adapter_overhead_pct']:.1f}% of backbone)"
     )
     lines.append(
         f"forward FLOPs/sample: {flops['per_sample']:,.0f} (base {flops['base_per_sample']:,.0f},"
