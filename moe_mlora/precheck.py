@@ -100,7 +100,7 @@ def check_job(job: list[str], multirun: bool, compose, describe: bool) -> str | 
     from hydra.errors import ConfigCompositionException, MissingConfigException
 
     from moe_mlora.checks import check_run_config
-    from moe_mlora.run import schedule_spec
+    from moe_mlora.pipeline.build import schedule_spec
 
     try:
         cfg = compose("config", overrides=job, return_hydra_config=True)

@@ -16,18 +16,19 @@ from pathlib import Path
 
 import torch
 
+import moe_mlora.pipeline.results as results
 import moe_mlora.run as run
 
 
 def kill_before_results() -> None:
-    write = run.write_json_atomically
+    write = results.write_json_atomically
 
     def killed(path: Path, payload: dict) -> None:
         if path.name == "results.json" and payload.get("status") == "completed":
             os.kill(os.getpid(), signal.SIGKILL)
         write(path, payload)
 
-    run.write_json_atomically = killed
+    results.write_json_atomically = killed
 
 
 def disk_full_after_phase1() -> None:

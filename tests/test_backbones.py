@@ -372,7 +372,7 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize(("name", "method"), sorted(set(ROTATION)))
 def test_backbone_trains_end_to_end(name: str, method: str, cache_dir: Path, tmp_path) -> None:
     from moe_mlora.config import compose
-    from moe_mlora.run import train_and_evaluate
+    from moe_mlora.pipeline.runner import train_and_evaluate
 
     overrides = [
         f"model={name}",

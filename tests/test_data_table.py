@@ -17,7 +17,7 @@ from moe_mlora.data import table
 from moe_mlora.data.datamodule import table_source
 from moe_mlora.data.processed import OOV_INDEX, SPLITS, DataError, ProcessedData
 from moe_mlora.data.table import build_table, make_spec, prepare_table
-from moe_mlora.run import train_and_evaluate
+from moe_mlora.pipeline.runner import train_and_evaluate
 
 DOMAINS = ("north", "south", "west")
 

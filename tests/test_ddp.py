@@ -21,7 +21,7 @@ import torch
 from hydra.utils import instantiate
 from test_run import tiny
 
-from moe_mlora.config import compose
+from moe_mlora.config import ConfigError, compose
 from moe_mlora.data import batches as batches_module
 from moe_mlora.data.batches import (
     ExpertBatches,
@@ -30,7 +30,8 @@ from moe_mlora.data.batches import (
     expert_assignment,
 )
 from moe_mlora.data.processed import SplitTensors
-from moe_mlora.run import ConfigError, build_module, quiet_lightning, train_and_evaluate
+from moe_mlora.pipeline.build import build_module, quiet_lightning
+from moe_mlora.pipeline.runner import train_and_evaluate
 from moe_mlora.sweep import config_fingerprint
 from moe_mlora.training.checkpoints import RunCheckpoints
 from moe_mlora.training.module import (
@@ -190,7 +191,7 @@ def build(cfg):
 
 
 def make_trainer_factory(cfg):
-    from moe_mlora.run import trainer_factory
+    from moe_mlora.pipeline.trainer import trainer_factory
 
     return trainer_factory(cfg, [])
 

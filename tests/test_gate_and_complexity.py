@@ -10,12 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moe_mlora.config import compose
+from moe_mlora.config import ConfigError, compose
 from moe_mlora.data.processed import FieldSpec
 from moe_mlora.models import AdapterConfig, CTRModel, build_model
 from moe_mlora.models.adapters import GateConfig, balance_loss, top_k_weights
 from moe_mlora.models.complexity import complexity, flops_per_sample
-from moe_mlora.run import ConfigError, adapter_config, train_and_evaluate
+from moe_mlora.pipeline.build import adapter_config
+from moe_mlora.pipeline.runner import train_and_evaluate
 from moe_mlora.training.module import CTRModule, Phase
 from moe_mlora.training.phases import set_trainable
 from moe_mlora.training.schedules import PhaseSpec, load_schedule

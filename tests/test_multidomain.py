@@ -10,7 +10,7 @@ from moe_mlora.config import compose
 from moe_mlora.data.processed import FieldSpec
 from moe_mlora.models import MODELS, build_model
 from moe_mlora.models.multidomain import TOWERS, DomainGroups
-from moe_mlora.run import train_and_evaluate
+from moe_mlora.pipeline.runner import train_and_evaluate
 
 NUM_DOMAINS = 5  # unlike any other first dimension of these towers' parameters
 FIELDS = [FieldSpec("user", 50), FieldSpec("item", 40), FieldSpec("domain", NUM_DOMAINS + 1)]

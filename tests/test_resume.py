@@ -15,8 +15,8 @@ import torch
 from test_run import tiny
 
 import moe_mlora.training.module as module_code
-from moe_mlora.config import compose
-from moe_mlora.run import ConfigError, check_resume, train_and_evaluate
+from moe_mlora.config import ConfigError, compose
+from moe_mlora.pipeline.runner import check_resume, train_and_evaluate
 from moe_mlora.training.checkpoints import (
     CheckpointError,
     RunCheckpoints,

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe_mlora.config import compose
+from moe_mlora.config import ConfigError, compose
 from moe_mlora.data.processed import DataError
-from moe_mlora.run import ConfigError, train_and_evaluate
+from moe_mlora.pipeline.runner import train_and_evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -170,3 +170,21 @@ def test_gpu_trainer_composes_and_without_cuda_the_data_stay_on_the_cpu(ml100k_r
     assert not place_on_gpu(data, "cpu", 1)
     assert not place_on_gpu(data, "gpu", 2)  # DDP: each rank copies its own batches
     assert data.splits["train"].sparse.device.type == "cpu"
+
+
+def test_extra_loggers_and_callbacks_come_from_yaml(cache_dir, tmp_path):
+    extras = [
+        "+logger.extra.second._target_=lightning.pytorch.loggers.CSVLogger",
+        "+logger.extra.second.name=second_csv",
+        "+callbacks.extra.lr._target_=lightning.pytorch.callbacks.LearningRateMonitor",
+    ]
+    train_and_evaluate(compose(tiny(cache_dir, "method=base", *extras)), tmp_path)
+    (metrics,) = (tmp_path / "second_csv").rglob("metrics.csv")  # written into the run folder
+    header = metrics.read_text().splitlines()[0]
+    assert "phase1/train/loss" in header and "lr-Adam" in header
+
+
+def test_an_extra_logger_that_is_not_one_is_a_config_error(cache_dir, tmp_path):
+    bad = "+logger.extra.x._target_=collections.OrderedDict"
+    with pytest.raises(ConfigError, match=r"logger\.extra\.x: collections\.OrderedDict is not"):
+        train_and_evaluate(compose(tiny(cache_dir, "method=base", bad)), tmp_path)

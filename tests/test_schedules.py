@@ -11,12 +11,12 @@ import torch
 from test_run import tiny
 from test_training import datamodule, make_module, make_trainer_factory, snapshot, unchanged
 
-from moe_mlora.config import compose
+from moe_mlora.config import ConfigError, compose
 from moe_mlora.data.batches import SingleDomainBatches
 from moe_mlora.data.processed import SplitTensors
 from moe_mlora.models import AdapterConfig, build_model
 from moe_mlora.models.adapters import own_expert_routing
-from moe_mlora.run import ConfigError, train_and_evaluate
+from moe_mlora.pipeline.runner import train_and_evaluate
 from moe_mlora.training.callbacks import BestWeights
 from moe_mlora.training.phases import Schedule, set_trainable
 from moe_mlora.training.schedules import (

@@ -16,13 +16,14 @@ import pytest
 import torch
 from test_run import tiny
 
-import moe_mlora.run as run_module
+import moe_mlora.pipeline.results as results_module
 import moe_mlora.serving as serving
 from moe_mlora.config import compose
 from moe_mlora.data.processed import FieldSpec, ProcessedData
 from moe_mlora.export import export_model
 from moe_mlora.export import main as export_main
 from moe_mlora.models import AdapterConfig, build_model
+from moe_mlora.pipeline.runner import train_and_evaluate
 from moe_mlora.predict import main as predict_main
 from moe_mlora.predict import predict
 from moe_mlora.serving import ServingError, load_model, save_model, score
@@ -69,8 +70,8 @@ def trained(tmp_path_factory) -> Trained:
 
     overrides = tiny(cache, "data.split_by=gender", "trainer.max_epochs=1")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(run_module, "save_model", spy)
-        run_module.train_and_evaluate(compose(overrides), run_dir)
+        patch.setattr(results_module, "save_model", spy)
+        train_and_evaluate(compose(overrides), run_dir)
     return Trained(run_dir, seen["module"], seen["processed"])
 
 

@@ -14,9 +14,11 @@ from hydra import initialize_config_dir
 from omegaconf import DictConfig
 from test_run import tiny
 
-from moe_mlora.config import CONF_DIR, compose, register_resolvers
+from moe_mlora.config import CONF_DIR, ConfigError, compose, register_resolvers
+from moe_mlora.pipeline.build import expert_count
+from moe_mlora.pipeline.loggers import wandb_tags
+from moe_mlora.pipeline.results import write_json_atomically
 from moe_mlora.report import main as report_main
-from moe_mlora.run import ConfigError, expert_count, wandb_tags, write_json_atomically
 from moe_mlora.sweep import (
     MAX_DIRNAME,
     config_fingerprint,
@@ -279,7 +281,9 @@ def test_sweep_label_is_the_same_for_relative_and_absolute_paths(tmp_path, monke
 
 def test_wandb_tags_are_the_overrides_within_the_length_limit(monkeypatch):
     long_value = "data.root=/" + "x" * 100
-    monkeypatch.setattr("moe_mlora.run.task_overrides", lambda: ["model=dcn", long_value])
+    monkeypatch.setattr(
+        "moe_mlora.pipeline.loggers.task_overrides", lambda: ["model=dcn", long_value]
+    )
     tags = wandb_tags(compose(["logger.wandb.tags=[paper]"]))
     assert tags == ["paper", "model=dcn", long_value[:64]]
 

@@ -20,7 +20,7 @@ from moe_mlora.data.processed import DataError
 from moe_mlora.data.synthetic_taobao import RAW_FILES, generate_taobao
 from moe_mlora.data.taobao import build_taobao, prepare_taobao, taobao_source
 from moe_mlora.models.features import FieldEmbeddings
-from moe_mlora.run import train_and_evaluate
+from moe_mlora.pipeline.runner import train_and_evaluate
 
 SMALL = {"n_themes": 12, "n_users": 300, "n_items": 250, "n_clicks": 6000, "dim": 16}
 

@@ -11,7 +11,7 @@ import torch
 from moe_mlora.data.datamodule import MultiDomainDataModule
 from moe_mlora.metrics import DomainAUC
 from moe_mlora.models import AdapterConfig, build_model
-from moe_mlora.run import quiet_lightning
+from moe_mlora.pipeline.build import quiet_lightning
 from moe_mlora.training.module import CTRModule, expert_mean_bce
 from moe_mlora.training.phases import Schedule
 from moe_mlora.training.schedules import load_schedule

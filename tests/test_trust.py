@@ -30,8 +30,8 @@ from moe_mlora.data.cache import load_or_build
 from moe_mlora.data.movielens import build_movielens
 from moe_mlora.data.processed import DataError
 from moe_mlora.data.taobao import build_taobao
+from moe_mlora.pipeline.runner import train_and_evaluate
 from moe_mlora.precheck import find_problem
-from moe_mlora.run import train_and_evaluate
 from moe_mlora.runfolder import FolderBusy, owning
 from moe_mlora.training.checkpoints import CheckpointError, RunCheckpoints
 

@@ -102,7 +102,7 @@ def bench_steps(datamodule, experts: int, rounds: int = 6) -> dict[str, float]:
 
 
 def bench_runs(root: Path, threads: int, experts: int, output: Path) -> list[dict]:
-    from moe_mlora.run import train_and_evaluate
+    from moe_mlora.pipeline.runner import train_and_evaluate
 
     results = []
     for method in ("base", "mlora", "moe_mlora"):
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"MovieLens folder {args.root} not found; pass --root DIR")
     torch.set_num_threads(args.threads)
 
-    from moe_mlora.run import quiet_lightning
+    from moe_mlora.pipeline.build import quiet_lightning
 
     quiet_lightning()
     with tempfile.TemporaryDirectory() as folder:

@@ -67,7 +67,7 @@ def device_name(accelerator: str) -> str:
 def main(argv: list[str]) -> None:
     from moe_mlora.config import compose
     from moe_mlora.data.cache import default_cache_dir
-    from moe_mlora.run import train_and_evaluate
+    from moe_mlora.pipeline.runner import train_and_evaluate
 
     args = parse_args(argv)
     if args.accelerator == "gpu" and not torch.cuda.is_available():

@@ -557,7 +557,7 @@ def run_ours(
     allocator: str = "default",
 ) -> RunRecord:
     from moe_mlora.config import compose
-    from moe_mlora.run import train_and_evaluate
+    from moe_mlora.pipeline.runner import train_and_evaluate
 
     method = "moe_mlora" if experts else "base"
     overrides = [
@@ -665,7 +665,7 @@ def main(argv: list[str] | None = None) -> None:
     configure_allocator(args.allocator)  # before any run: both libraries train under it
 
     from moe_mlora.data.movielens import prepare_movielens
-    from moe_mlora.run import quiet_lightning
+    from moe_mlora.pipeline.build import quiet_lightning
 
     quiet_lightning()
     available = our_backbones()

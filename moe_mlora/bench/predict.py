@@ -35,7 +35,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def train_small_model(folder: Path) -> Path:
     """DeepFM MoE-MLoRA on generated MovieLens-format data, one epoch per phase."""
     from moe_mlora.config import compose
-    from moe_mlora.run import train_and_evaluate
+    from moe_mlora.pipeline.runner import train_and_evaluate
 
     overrides = [
         "trainer.max_epochs=1",

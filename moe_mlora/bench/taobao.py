@@ -124,7 +124,7 @@ def _overrides(method: str, themes: int) -> tuple[list[str], str]:
 
 def _one_run(root: Path, cache: Path, out: Path, themes: int, method: str, seed: int, args):
     from moe_mlora.config import compose
-    from moe_mlora.run import train_and_evaluate
+    from moe_mlora.pipeline.runner import train_and_evaluate
 
     extra, label = _overrides(method, themes)
     cfg = compose(
