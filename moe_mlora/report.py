@@ -33,6 +33,7 @@ from typing import Any
 
 import polars as pl
 
+from moe_mlora.pipeline.schema import RecordError, RunRecord
 from moe_mlora.plots import group_label, method_rank, write_plots
 from moe_mlora.sweep import PRESENTATION_KEYS, sweep_label
 
@@ -128,18 +129,17 @@ def load_runs(paths: Iterable[Path], skipped: list[str] | None = None) -> list[d
 
 
 def _unusable(path: Path) -> dict | str:
-    """The record of ``path``, or why the report cannot use it."""
+    """The record of ``path`` (read through :class:`RunRecord`, so older files get today's
+    keys), or why the report cannot use it."""
     try:
-        record = json.loads(path.read_text())
+        record = RunRecord.from_json(json.loads(path.read_text()))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
         return f"not valid JSON, a truncated or foreign file ({type(error).__name__})"
-    if not isinstance(record, dict) or not isinstance(record.get("run"), dict):
-        return "not a run's results.json (it has no 'run' section)"
-    if record.get("status") == "completed" and not isinstance(record.get("test"), dict):
-        return "says the run completed but has no 'test' section"
-    if record["run"].get("debug"):
-        return f"a debug run (debug={record['run']['debug']}), never reported"
-    return record
+    except RecordError as error:
+        return str(error)
+    if record.run.debug:
+        return f"a debug run (debug={record.run.debug}), never reported"
+    return record.to_json()
 
 
 def completed(runs: Iterable[dict]) -> list[dict]:

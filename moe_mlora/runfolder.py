@@ -29,6 +29,7 @@ from pathlib import Path
 
 from moe_mlora.config import ConfigError
 from moe_mlora.distributed import is_global_zero
+from moe_mlora.pipeline.schema import RunRecord
 
 try:
     import fcntl
@@ -125,9 +126,10 @@ def completed_run(folder: Path) -> dict | None:
     """The folder's results when its run finished: status completed and model.pt present."""
     try:
         results = json.loads((Path(folder) / "results.json").read_text())
-    except (OSError, ValueError):
+        record = RunRecord.from_json(results)
+    except (OSError, ValueError):  # unreadable, or not a run's record (RecordError)
         return None
-    if not isinstance(results, dict) or results.get("status") != "completed":
+    if not record.completed:
         return None
     if not (Path(folder) / "model.pt").is_file():
         log.warning("%s: results.json without model.pt (a run killed while saving)", folder)

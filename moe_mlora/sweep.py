@@ -31,6 +31,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from moe_mlora.distributed import is_global_zero
+from moe_mlora.pipeline.schema import RunInfo, RunRecord
 from moe_mlora.runfolder import FolderRefused, finished_job, owning, restore_hydra_record
 from moe_mlora.training.checkpoints import CHECKPOINT_DIR
 
@@ -136,16 +137,17 @@ def run_fields(cfg: DictConfig) -> dict[str, Any]:
 
 def failure_record(cfg: DictConfig, output_dir: Path, error: BaseException, seconds: float):
     """The ``failed`` results.json of a job: which run, what went wrong, and where."""
-    return {
-        "status": "failed",
-        "run": {**run_fields(cfg), "output_dir": str(output_dir)},
-        "error": {
+    record = RunRecord(
+        status="failed",
+        run=RunInfo(**run_fields(cfg), output_dir=str(output_dir)),
+        error={
             "type": type(error).__name__,
             "message": str(error),
             "traceback": "".join(traceback.format_exception(error)),
         },
-        "wall_time_s": seconds,
-    }
+        wall_time_s=seconds,
+    )
+    return record.to_json()
 
 
 def run_sweep_job(

@@ -358,3 +358,57 @@ def test_foreign_truncated_and_debug_results_are_skipped_and_listed(tmp_path, ca
     report = (tmp_path / "report" / "report.md").read_text()
     assert "## Skipped files" in report and "a debug run (debug=fdr)" in report
     assert ",mlora," not in (tmp_path / "report" / "report.csv").read_text()
+
+
+# ------------------------------------------------------------- the typed record
+def test_the_results_schema_round_trips():
+    from moe_mlora.pipeline.schema import SCHEMA_VERSION, RunInfo, RunRecord
+
+    record = RunRecord(
+        status="completed",
+        run=RunInfo(name="toy-deepfm-base-s1", data="toy", model="deepfm", method="base", seed=1),
+        parameters={"backbone": 10},
+        test={"wauc": 0.7, "mean_auc": 0.69, "auc": 0.71, "logloss": 0.45, "per_domain": {}},
+        wall_time_s=1.5,
+    )
+    values = json.loads(json.dumps(record.to_json()))
+    assert values["schema_version"] == SCHEMA_VERSION and "error" not in values
+    assert RunRecord.from_json(values) == record
+
+
+def test_a_version_one_results_json_still_reports(tmp_path):
+    """A record from before schedules, hyperparameters and schema_version existed."""
+    folder = tmp_path / "old"
+    folder.mkdir()
+    old = {
+        "status": "completed",
+        "run": {"name": "toy-deepfm-moe_mlora-s1", "data": "toy", "model": "deepfm",
+                "method": "moe_mlora", "experts": 2, "seed": 1, "overrides": ["seed=1"]},
+        "parameters": {"backbone": 100, "adapter": 10, "gate": 2, "total": 112,
+                       "adapter_overhead": 12, "adapter_overhead_pct": 12.0},
+        "test": {"wauc": 0.7, "mean_auc": 0.69, "auc": 0.71, "logloss": 0.45,
+                 "per_domain": {"a": {"auc": 0.7, "samples": 10, "positive_rate": 0.2}}},
+        "wall_time_s": 3.0,
+    }  # fmt: skip
+    (folder / "results.json").write_text(json.dumps(old))
+    from moe_mlora.pipeline.schema import RunRecord
+
+    record = RunRecord.from_json(old)
+    assert record.schema_version == 1 and record.run.schedule is None and record.run.debug is None
+    assert main([str(tmp_path)]) == 0
+    assert "moe_mlora" in (tmp_path / "report" / "report.csv").read_text()
+
+
+@pytest.mark.parametrize(
+    ("values", "reason"),
+    [
+        ([1, 2], "no 'run' section"),
+        ({"run": {}, "status": "finished"}, "unknown status"),
+        ({"run": {}, "status": "completed", "test": {"wauc": 0.7}}, "lacks mean_auc"),
+    ],
+)
+def test_a_value_that_is_not_a_record_says_why(values, reason):
+    from moe_mlora.pipeline.schema import RecordError, RunRecord
+
+    with pytest.raises(RecordError, match=reason):
+        RunRecord.from_json(values)

@@ -95,7 +95,7 @@ def completed_results(cfg: DictConfig) -> dict:
     return {
         "status": "completed",
         "run": {"config_fingerprint": config_fingerprint(cfg)},
-        "test": {"wauc": 0.75},
+        "test": {"wauc": 0.75, "mean_auc": 0.74, "auc": 0.76, "logloss": 0.45},
     }
 
 

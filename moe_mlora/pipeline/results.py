@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 from moe_mlora.models.complexity import complexity
 from moe_mlora.pipeline.build import schedule_spec
 from moe_mlora.pipeline.loggers import log_to_wandb
+from moe_mlora.pipeline.schema import RunInfo, RunRecord
 from moe_mlora.serving import save_model
 from moe_mlora.sweep import (
     run_fields,
@@ -35,30 +36,35 @@ def model_complexity(module: CTRModule, datamodule) -> dict:
 
 
 def build_results(cfg, module, datamodule, reports, test, wall_time, output_dir) -> dict:
-    """The run's record (results.json): run, data, parameters, flops, phases, test."""
+    """The run's record (results.json, see :class:`RunRecord`): run, data, parameters, flops,
+    phases, test."""
     counts = module.model.parameter_counts()
     backbone = counts["backbone"]
     overhead = counts["adapter"] + counts["gate"]
-    return {
-        "status": "completed",
-        "run": {
+    run = RunInfo(
+        **{
             **run_fields(cfg),
             "output_dir": str(output_dir),
             "experts": module.model.num_experts if cfg.method.adapter.kind == "moe" else None,
-        },
-        "schedule": schedule_spec(cfg).to_json(),
-        "hyperparameters": hyperparameters(cfg, module),
-        "data": datamodule.processed.summary(),
-        "parameters": {
+        }
+    )
+    record = RunRecord(
+        status="completed",
+        run=run,
+        schedule=schedule_spec(cfg).to_json(),
+        hyperparameters=hyperparameters(cfg, module),
+        data=datamodule.processed.summary(),
+        parameters={
             **counts,
             "adapter_overhead": overhead,
             "adapter_overhead_pct": 100.0 * overhead / backbone if backbone else math.nan,
         },
-        "flops": model_complexity(module, datamodule),
-        "phases": [report.to_json() for report in reports],
-        "test": metrics_to_json(test, datamodule.domain_names),
-        "wall_time_s": wall_time,
-    }
+        flops=model_complexity(module, datamodule),
+        phases=[report.to_json() for report in reports],
+        test=metrics_to_json(test, datamodule.domain_names),
+        wall_time_s=wall_time,
+    )
+    return record.to_json()
 
 
 def hyperparameters(cfg: DictConfig, module: CTRModule) -> dict:
