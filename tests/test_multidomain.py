@@ -117,6 +117,8 @@ def test_each_baseline_completes_a_tiny_run_and_records_itself(method, cache_dir
     assert results["run"]["method"] == method and results["schedule"]["name"] == method
     assert results["run"]["name"].endswith(f"-{method}-s123")
     assert results["parameters"]["adapter"] > 0  # its per-domain parts, counted apart
+    flops = results["flops"]  # against the same backbone with its plain tower
+    assert flops["base_per_sample"] < flops["per_sample"] and flops["overhead_pct"] > 0
     assert results["test"]["wauc"] > 0.5
 
 

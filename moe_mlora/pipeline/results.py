@@ -9,9 +9,11 @@ import os
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from moe_mlora.models import build_model
 from moe_mlora.models.complexity import complexity
+from moe_mlora.models.multidomain import MultiDomainTower
 from moe_mlora.pipeline.build import schedule_spec
 from moe_mlora.pipeline.loggers import log_to_wandb
 from moe_mlora.pipeline.schema import RunInfo, RunRecord
@@ -28,11 +30,35 @@ log = logging.getLogger("moe_mlora")
 FLOP_BATCH = 1024  # test rows the FLOPs are counted on (a training batch's size)
 
 
-def model_complexity(module: CTRModule, datamodule) -> dict:
-    """Forward FLOPs per sample of the final model and of its base, on test rows."""
+def model_complexity(module: CTRModule, datamodule, cfg: DictConfig) -> dict:
+    """Forward FLOPs per sample of the final model and of its base, on test rows.
+
+    A multi-domain tower is not an adapter that routing "off" removes: its base is the
+    same backbone with its plain DNN tower, built here (under ``fork_rng``) and counted.
+    """
     test = datamodule.processed.splits["test"]
     rows = slice(0, min(FLOP_BATCH, len(test)))
-    return complexity(module.model, test.sparse[rows], test.domain[rows])
+    sparse, domain = test.sparse[rows], test.domain[rows]
+    result = complexity(module.model, sparse, domain)
+    if isinstance(module.model.tower, MultiDomainTower):
+        plain = plain_backbone(cfg, datamodule).to(next(module.model.parameters()).device)
+        base = complexity(plain, sparse, domain)["per_sample"]
+        overhead = result["per_sample"] - base
+        result.update(
+            base_per_sample=base,
+            overhead_per_sample=overhead,
+            overhead_pct=100.0 * overhead / base if base else math.nan,
+        )
+    return result
+
+
+def plain_backbone(cfg: DictConfig, datamodule) -> torch.nn.Module:
+    """The run's backbone with its plain DNN tower and no adapter (for its base FLOPs)."""
+    options = OmegaConf.to_container(cfg.model, resolve=True)
+    options.pop("name", None)
+    data = datamodule.processed
+    with torch.random.fork_rng(devices=[]):
+        return build_model(cfg.model.name, data.fields, data.num_domains, None, **options)
 
 
 def build_results(cfg, module, datamodule, reports, test, wall_time, output_dir) -> dict:
@@ -59,7 +85,7 @@ def build_results(cfg, module, datamodule, reports, test, wall_time, output_dir)
             "adapter_overhead": overhead,
             "adapter_overhead_pct": 100.0 * overhead / backbone if backbone else math.nan,
         },
-        flops=model_complexity(module, datamodule),
+        flops=model_complexity(module, datamodule, cfg),
         phases=[report.to_json() for report in reports],
         test=metrics_to_json(test, datamodule.domain_names),
         wall_time_s=wall_time,
