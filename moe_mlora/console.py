@@ -16,9 +16,9 @@ from collections.abc import Sequence
 PROGRAM = "moe-mlora"
 COMMANDS = {
     "run": ("moe_mlora.run", "train and test one config; -m sweeps (Hydra overrides)"),
-    "predict": ("moe_mlora.predict", "score a CSV or parquet file with a trained model"),
-    "export": ("moe_mlora.export", "export a trained model (TorchScript or ONNX)"),
-    "report": ("moe_mlora.report", "tables and plots of run and sweep folders"),
+    "predict": ("moe_mlora.serving.predict", "score a CSV or parquet file with a trained model"),
+    "export": ("moe_mlora.serving.export", "export a trained model (TorchScript or ONNX)"),
+    "report": ("moe_mlora.reporting.report", "tables and plots of run and sweep folders"),
     "generate": ("moe_mlora.data.generate", "write stand-in data in the real file formats"),
     "bench": ("moe_mlora.bench.__main__", "benchmarks (core, parity, taobao, gpu, ...)"),
 }

@@ -9,7 +9,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from moe_mlora.report import domain_summary, find_results, load_runs, main, summarize
+from moe_mlora.reporting.report import domain_summary, find_results, load_runs, main, summarize
 
 DOMAINS = {"a": 100, "b": 50}  # domain -> test samples
 

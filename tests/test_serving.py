@@ -17,16 +17,16 @@ import torch
 from test_run import tiny
 
 import moe_mlora.pipeline.results as results_module
-import moe_mlora.serving as serving
+import moe_mlora.serving.bundle as serving
 from moe_mlora.config import compose
 from moe_mlora.data.processed import FieldSpec, ProcessedData
-from moe_mlora.export import export_model
-from moe_mlora.export import main as export_main
 from moe_mlora.models import AdapterConfig, build_model
 from moe_mlora.pipeline.runner import train_and_evaluate
-from moe_mlora.predict import main as predict_main
-from moe_mlora.predict import predict
 from moe_mlora.serving import ServingError, load_model, save_model, score
+from moe_mlora.serving.export import export_model
+from moe_mlora.serving.export import main as export_main
+from moe_mlora.serving.predict import main as predict_main
+from moe_mlora.serving.predict import predict
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS = 1000

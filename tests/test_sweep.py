@@ -18,7 +18,7 @@ from moe_mlora.config import CONF_DIR, ConfigError, compose, register_resolvers
 from moe_mlora.pipeline.build import expert_count
 from moe_mlora.pipeline.loggers import wandb_tags
 from moe_mlora.pipeline.results import write_json_atomically
-from moe_mlora.report import main as report_main
+from moe_mlora.reporting.report import main as report_main
 from moe_mlora.sweep import (
     MAX_DIRNAME,
     config_fingerprint,

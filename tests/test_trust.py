@@ -554,7 +554,7 @@ def known_rows(finished, tmp_path_factory) -> Path:
 
 
 def test_ids_written_as_floats_or_zero_padded_are_the_same_ids(finished, known_rows, tmp_path):
-    from moe_mlora.predict import predict
+    from moe_mlora.serving.predict import predict
 
     rows = pl.read_csv(known_rows, infer_schema=False)
     plain = predict(finished, known_rows, tmp_path / "plain.csv")
@@ -594,7 +594,7 @@ def test_predict_refuses_to_write_over_its_input_or_into_a_folder_it_cannot_make
 
 
 def test_a_table_model_scores_its_own_training_file(one_domain_csv, cache_dir, tmp_path):
-    from moe_mlora.predict import predict
+    from moe_mlora.serving.predict import predict
 
     renamed = tmp_path / "logs.csv"
     columns = {"user_id": "uid", "item_id": "iid", "domain": "country"}

@@ -5,8 +5,8 @@
 Without ``--ckpt`` it first trains DeepFM MoE-MLoRA for one epoch per phase on generated
 MovieLens-format data (a minute). It then writes ``--rows`` rows of raw ids drawn from the
 model's vocabularies (with ``--unseen`` of them replaced by ids never seen in training) to a
-parquet file and a CSV file, scores each through :func:`moe_mlora.predict.predict`, and prints
-rows/second for encoding + scoring and for the whole command (read, score, write).
+parquet file and a CSV file, scores each through :func:`moe_mlora.serving.predict.predict`,
+and prints rows/second for encoding + scoring and for the whole command (read, score, write).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import numpy as np
 import polars as pl
 import torch
 
-from moe_mlora.predict import predict
 from moe_mlora.serving import DOMAIN_FIELD, load_model
+from moe_mlora.serving.predict import predict
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
