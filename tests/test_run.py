@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -188,3 +189,33 @@ def test_an_extra_logger_that_is_not_one_is_a_config_error(cache_dir, tmp_path):
     bad = "+logger.extra.x._target_=collections.OrderedDict"
     with pytest.raises(ConfigError, match=r"logger\.extra\.x: collections\.OrderedDict is not"):
         train_and_evaluate(compose(tiny(cache_dir, "method=base", bad)), tmp_path)
+
+
+def readme_run_commands() -> list[list[str]]:
+    """Every ``python -m moe_mlora.run ...`` line of the README (continuations joined)."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    text = text.replace("\\\n", " ")
+    commands = []
+    for line in text.splitlines():
+        if line.startswith("python -m moe_mlora.run "):
+            words = shlex.split(line.split(" #", 1)[0], comments=False)[3:]
+            commands.append(words)
+    return commands
+
+
+def test_the_readme_run_commands_compose():
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from moe_mlora.config import CONF_DIR, register_resolvers
+    from moe_mlora.precheck import split_sweeps
+
+    commands = readme_run_commands()
+    assert len(commands) >= 25
+    register_resolvers()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        for words in commands:
+            tokens = [w for w in words if not w.startswith("-")]
+            fixed, swept = split_sweeps(tokens)
+            first = [*fixed, *(f"{key}={values[0]}" for key, values in swept.items())]
+            hydra_compose("config", overrides=first, return_hydra_config=True)
