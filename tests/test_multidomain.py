@@ -125,3 +125,15 @@ def test_each_baseline_completes_a_tiny_run_and_records_itself(method, cache_dir
 def test_a_baseline_on_another_backbone_completes_a_tiny_run(cache_dir, tmp_path):
     cfg = compose(tiny(cache_dir, "method=star", "model=dcn"))
     assert train_and_evaluate(cfg, tmp_path)["status"] == "completed"
+
+
+@pytest.mark.parametrize("method", ["ple", "pepnet"])
+def test_a_baseline_model_file_loads_with_its_tower_and_scores(method, cache_dir, tmp_path):
+    from moe_mlora.serving import load_model, score
+
+    train_and_evaluate(compose(tiny(cache_dir, f"method={method}")), tmp_path)
+    served = load_model(tmp_path)  # every saved weight must fit the rebuilt model
+    assert served.model.tower_config.kind == method
+    rows = torch.zeros(6, len(served.fields), dtype=torch.int64)
+    scores = score(served.model, rows, torch.arange(6) % served.num_domains)
+    assert scores.shape == (6,) and ((scores > 0) & (scores < 1)).all()

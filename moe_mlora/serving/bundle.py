@@ -152,6 +152,7 @@ def _bundle(model: CTRModel, config: dict[str, Any], processed: ProcessedData) -
         "model_name": name,
         "model_options": model_cfg,
         "adapter": asdict(model.adapter_config),
+        "tower": {"kind": model.tower_config.kind, **model.tower_config.options},
         "routing": model.routing,
         "fields": [_field_entry(spec) for spec in processed.fields],
         "feature_order": processed.field_names,
@@ -288,8 +289,13 @@ def _rebuild(file: Path, bundle: Mapping[str, Any], fields: list[FieldSpec]) -> 
     name, domains = bundle["model_name"], len(bundle["domain_names"])
     try:
         return build_model(
-            name, fields, domains, dict(bundle["adapter"]), **bundle["model_options"]
-        )
+            name,
+            fields,
+            domains,
+            dict(bundle["adapter"]),
+            tower=bundle.get("tower"),
+            **bundle["model_options"],
+        )  # fmt: skip (bundles from before multi-domain towers have no "tower": the DNN one)
     except (TypeError, ValueError) as error:
         raise ServingError(
             f"{file}: cannot rebuild model={name} with {domains} domains and options "
