@@ -137,3 +137,36 @@ def test_a_baseline_model_file_loads_with_its_tower_and_scores(method, cache_dir
     rows = torch.zeros(6, len(served.fields), dtype=torch.int64)
     scores = score(served.model, rows, torch.arange(6) % served.num_domains)
     assert scores.shape == (6,) and ((scores > 0) & (scores < 1)).all()
+
+
+@pytest.mark.parametrize("kind", TOWERS)
+def test_a_traced_graph_serves_any_batch_size_and_domain_mix(kind):
+    net = model(kind).eval()
+    sparse, domain, _ = batch(n=80)
+    with torch.no_grad():
+        traced = torch.jit.trace(net, (sparse[:4], domain[:4]), check_trace=False)
+        skewed = domain.clone()
+        skewed[:60] = 3  # one domain holds most rows: another padding than when traced
+        torch.testing.assert_close(traced(sparse, skewed), net(sparse, skewed))
+
+
+def test_a_baseline_exports_to_onnx_and_matches(cache_dir, tmp_path):
+    pytest.importorskip("onnxruntime")
+    import numpy as np
+    import onnxruntime
+
+    from moe_mlora.serving import load_model, score
+    from moe_mlora.serving.export import export_model
+
+    train_and_evaluate(compose(tiny(cache_dir, "method=ple", "trainer.max_epochs=1")), tmp_path)
+    path = export_model(tmp_path, "onnx", tmp_path / "m.onnx")
+    served = load_model(tmp_path)
+    user = torch.arange(23) % len(served.vocabularies["user"])
+    item = torch.arange(23) % len(served.vocabularies["item"])
+    domain = torch.arange(23) % served.num_domains
+    session = onnxruntime.InferenceSession(str(path))
+    inputs = {"user": user.numpy(), "item": item.numpy(), "domain": domain.numpy()}
+    got = session.run(None, inputs)[0]
+    codes = torch.as_tensor(served.domain_feature_codes())[domain]
+    want = score(served.model, torch.stack([user, item, codes], 1), domain)
+    np.testing.assert_allclose(got, np.asarray(want), rtol=1e-4, atol=1e-5)

@@ -17,7 +17,9 @@ and reads ``[B, output_dim]`` back, as with any tower. The contract:
 :class:`DomainGroups` gives per-domain Linear layers in one batched product: the rows are
 sorted by domain into a padded ``[D, rows of the largest domain, in]`` block and multiplied
 by the ``[D, in, out]`` weights with one ``bmm``. Each row meets only its own domain's
-weights (no D-fold product), and no Python loop runs over the domains.
+weights (no D-fold product), and no Python loop runs over the domains. A traced or exported
+graph (TorchScript, ONNX) cannot have shapes that depend on the data, so there each row's
+weights are gathered instead (``[B, in, out]``) and multiplied in one ``bmm``.
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ class DomainGroups:
     def __init__(self, domain: Tensor, num_domains: int) -> None:
         self.num_domains = num_domains
         self.domain = domain
+        self.static = static_shapes()
+        if self.static:  # a traced or exported graph: no shape may depend on the data
+            return
         self.order = torch.argsort(domain, stable=True)
         self.sorted_domain = domain[self.order]
         counts = torch.bincount(domain, minlength=num_domains)
@@ -48,12 +53,26 @@ class DomainGroups:
 
     def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         """``x [B, in]`` times its row's domain's ``weight [D, in, out]`` (+ ``bias [D, out]``)."""
+        if self.static:  # each row's own weights gathered: more memory, fixed shapes
+            out = torch.bmm(x.unsqueeze(1), weight[self.domain]).squeeze(1)
+            return out if bias is None else out + bias[self.domain]
         padded = x.new_zeros(self.num_domains, self.rows, x.shape[1])
         padded[self.sorted_domain, self.position] = x[self.order]
         product = torch.bmm(padded, weight)[self.sorted_domain, self.position]
         out = torch.empty_like(product)
         out[self.order] = product
         return out if bias is None else out + bias[self.domain]
+
+
+def static_shapes() -> bool:
+    """Whether the forward is being traced or exported (TorchScript, ONNX, torch.export)."""
+    exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+    return bool(
+        torch.jit.is_tracing()
+        or torch.onnx.is_in_onnx_export()
+        or torch.compiler.is_compiling()
+        or exporting()
+    )
 
 
 def linear_init(weight: Tensor, bias: Tensor | None, fan_in: int) -> None:
@@ -77,7 +96,7 @@ class StackedLinear(nn.Module):
         if x.dim() == 2:  # the same input for every group: one GEMM
             groups, width, out = self.weight.shape
             flat = x @ self.weight.permute(1, 0, 2).reshape(width, groups * out)
-            return flat.view(len(x), groups, out) + self.bias
+            return flat.view(-1, groups, out) + self.bias  # -1, not len(x): traceable
         return torch.einsum("bgi,gio->bgo", x, self.weight) + self.bias
 
 

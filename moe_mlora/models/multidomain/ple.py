@@ -55,7 +55,7 @@ class CGCLevel(nn.Module):
     ) -> tuple[Tensor, Tensor | None]:
         shared = torch.relu(self.shared_experts(shared_in))  # [B, S, w]
         own = torch.relu(groups.linear(domain_in, self.domain_weight, self.domain_bias))
-        own = own.view(len(own), self.specific, self.width)  # [B, P, w]
+        own = own.view(-1, self.specific, self.width)  # [B, P, w]
         domain_out = self.dropout(mix(self.gates(domain_in, groups), torch.cat([shared, own], 1)))
         if self.shared_gate is None:
             return domain_out, None
