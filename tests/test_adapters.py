@@ -201,43 +201,64 @@ def test_parameter_counts_by_hand() -> None:
 @pytest.mark.parametrize("kind", ["none", "mlora", "moe"])
 def test_parameter_groups_partition_the_model(kind: str) -> None:
     model = build_model("deepfm", FIELDS, NUM_DOMAINS, AdapterConfig(kind=kind, experts=4))
-    groups = [model.backbone_parameters(), model.gate_parameters()]
-    groups += [model.expert_parameters(e) for e in range(model.num_experts)]
+    groups = [model.backbone_parameters(), model.gate_parameters(), model.expert_parameters()]
     ids = [id(p) for group in groups for p in group]
-    assert len(ids) == len(set(ids))  # no overlap, experts disjoint
+    assert len(ids) == len(set(ids))  # no overlap
     assert set(ids) == {id(p) for p in model.parameters()}  # nothing missing
-    assert {id(p) for p in model.expert_parameters()} == {
-        id(p) for e in range(model.num_experts) for p in model.expert_parameters(e)
-    }
     if kind != "none":
-        assert len(model.expert_parameters(0)) == 3 * len(model.tower.layers)
+        stacked = model.expert_parameters()
+        assert len(stacked) == 3 * len(model.tower.layers)
+        assert all(p.shape[0] == model.num_experts for p in stacked)
+        views = model.expert_tensors(1)
+        assert [v.shape for v in views] == [p.shape[1:] for p in stacked]
+        with torch.no_grad():
+            for view in views:
+                view.fill_(7.0)
+        for p in stacked:  # the views write expert 1's slices, and only those
+            assert (p[1] == 7.0).all() and not (p[0] == 7.0).any() and not (p[2] == 7.0).any()
     with pytest.raises(ValueError, match="expert must be in"):
-        model.expert_parameters(model.num_experts)
+        model.expert_tensors(model.num_experts)
 
 
-def test_expert_routing_sends_gradients_only_to_the_routed_expert() -> None:
-    model = build_model("deepfm", FIELDS, NUM_DOMAINS, AdapterConfig(kind="moe", experts=4))
+@pytest.mark.parametrize("products", ["dense", "rows"])
+def test_expert_routing_sends_gradients_only_to_the_routed_expert(products: str) -> None:
+    config = AdapterConfig(kind="moe", experts=4, products=products)
+    model = build_model("deepfm", FIELDS, NUM_DOMAINS, config)
     randomise_adapters(model)
     model.routing = "expert"
     sparse, domain = batch()
     model(sparse, domain, torch.full_like(domain, 2)).sum().backward()
     for e in range(4):
-        grads = [p.grad for p in model.expert_parameters(e)]
+        grads = [p.grad[e] for p in model.expert_parameters()]
         if e == 2:
-            assert all(g is not None and g.abs().sum() > 0 for g in grads)
+            assert all(g.abs().sum() > 0 for g in grads)
         else:
-            assert all(g is None or not g.any() for g in grads)
+            assert all(not g.any() for g in grads)
     assert all(p.grad is None for p in model.gate_parameters())
 
 
-def test_a_frozen_expert_gets_no_gradient() -> None:
+def test_a_frozen_expert_is_never_updated() -> None:
+    from moe_mlora.training.optim import make_adam
+    from moe_mlora.training.phases import set_trainable
+
     model = build_model("mlp", FIELDS, NUM_DOMAINS, AdapterConfig(kind="mlora"))
-    for p in model.expert_parameters(1):
-        p.requires_grad_(False)
+    randomise_adapters(model)
+    set_trainable(model, backbone=True, experts=[0, 2], gate=False)
+    assert model.frozen_experts == {1}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_adam(
+        trainable, 0.1, 0.01, model.expert_parameters(), lambda: model.frozen_experts
+    )
+    before = [t.clone() for e in range(3) for t in model.expert_tensors(e)]
     sparse, domain = batch()
-    model(sparse, domain).sum().backward()
-    assert all(p.grad is None for p in model.expert_parameters(1))
-    assert all(p.grad is not None for p in model.expert_parameters(0))
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(sparse, domain).sum().backward()
+        optimizer.step()
+    after = [t for e in range(3) for t in model.expert_tensors(e)]
+    per_expert = len(after) // 3
+    for index, (old, new) in enumerate(zip(before, after, strict=True)):
+        assert torch.equal(old, new) == (index // per_expert == 1)
 
 
 def test_fresh_adapter_is_lora_initialised() -> None:

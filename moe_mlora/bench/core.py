@@ -26,7 +26,7 @@ import torch
 
 from moe_mlora.config import compose
 from moe_mlora.models import AdapterConfig, build_model
-from moe_mlora.training.module import make_adam
+from moe_mlora.training.optim import make_adam
 
 DEFAULT_ROOT = Path(__file__).resolve().parents[3] / "shared" / "data" / "ml-100k"
 
@@ -38,7 +38,7 @@ class StepTimer:
         trainable = [p for p in model.parameters() if p.requires_grad]
         self.model = model
         self.batches = batches
-        self.optimizer = make_adam(trainable, lr=1e-3)
+        self.optimizer = make_adam(trainable, lr=1e-3, experts=model.expert_parameters())
         self.loss = torch.nn.BCEWithLogitsLoss()
         self.medians: list[float] = []
 

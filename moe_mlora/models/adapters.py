@@ -34,11 +34,17 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from moe_mlora.models.lora import ExpertRows, LoRAExperts, static_shapes
 
 ROUTINGS = ("off", "domain", "expert", "mixture")
 GATE_INPUTS = ("domain", "domain_features")
+PRODUCTS = ("auto", "dense", "rows")
+# products=auto computes each row's own experts only (the rows path) from this many experts
+# on; below it the dense path's two large GEMMs are faster. Measured on 2 CPU threads, DeepFM
+# tower 256-128-64, batch 1024 (python -m moe_mlora.bench scaling, experiments/scaling.md).
+ROWS_FROM_EXPERTS = 4
 
 
 @dataclass
@@ -118,7 +124,12 @@ class AdapterConfig:
     ``max(1, out_features // lora_reduce)`` unless ``lora_rank`` fixes it.
     ``experts`` is the MoE expert count E (default: the number of domains);
     MLoRA ignores it. ``gate``: the MoE gate's options, a :class:`GateConfig`
-    or a mapping of its fields (other kinds ignore it).
+    or a mapping of its fields (other kinds ignore it). ``products``: how the
+    experts' products are computed when each row uses one expert or a gate's
+    top-k (see :mod:`moe_mlora.models.lora`): "rows" (each row's own experts
+    only), "dense" (every expert for every row, then weighted) or "auto" (rows
+    on CPU from :data:`ROWS_FROM_EXPERTS` experts on, dense otherwise). The
+    results are the same up to float rounding; only speed differs.
     """
 
     kind: str = "none"
@@ -126,6 +137,7 @@ class AdapterConfig:
     lora_rank: int | None = None
     experts: int | None = None
     gate: GateConfig = field(default_factory=GateConfig)
+    products: str = "auto"
 
     def __post_init__(self) -> None:
         if self.kind not in ADAPTERS:
@@ -141,6 +153,11 @@ class AdapterConfig:
             raise ValueError(
                 f"gate must be a mapping of gate options, got {self.gate!r}; "
                 f"write adapter.gate as a block (input, embedding_dim, top_k, balance_loss_weight)"
+            )
+        if self.products not in PRODUCTS:
+            raise ValueError(
+                f"products must be one of {list(PRODUCTS)}, got {self.products!r}; "
+                f"set adapter.products to one of them (auto: chosen by speed)"
             )
         _check_positive("lora_reduce", self.lora_reduce, "e.g. 32 (MovieLens) or 256 (Taobao)")
         _check_positive("lora_rank", self.lora_rank, "or leave it unset to use lora_reduce")
@@ -160,81 +177,6 @@ def _check_positive(key: str, value: int | None, fix: str) -> None:
         raise ValueError(f"{key} must be >= 1, got {value}; set adapter.{key} >= 1 ({fix})")
 
 
-class LoRAExperts(nn.Module):
-    """E LoRA experts of one Linear layer: ``A_e``, ``B_e``, ``b_e [out]``.
-
-    The expert computes ``(x A_e^T) B_e + b_e``. ``A_e`` is stored ``[r, in]``
-    (as ``nn.Linear.weight`` and PEFT's ``lora_A``) because ``F.linear(x, A)``
-    is ~2.5x faster on CPU than ``x @ A`` with a row-major ``[in, r]`` matrix,
-    forward and backward; ``B_e`` is stored ``[r, out]`` (layout does not
-    matter there). Each expert's tensors are separate parameters, so phase 2
-    can give every expert its own optimizer state, freeze one, or leave its
-    grad ``None``. ``forward`` concatenates them and mixes all experts with two
-    matrix products (no Python loop over experts). Init as LoRA:
-    ``kaiming_uniform(a=sqrt(5))`` for ``A``, zeros for ``B`` and ``b``, so a
-    fresh adapter adds exactly zero.
-    """
-
-    def __init__(self, in_features: int, out_features: int, num_experts: int, rank: int) -> None:
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.num_experts, self.rank = num_experts, rank
-        self.A = nn.ParameterList(torch.empty(rank, in_features) for _ in range(num_experts))
-        self.B = nn.ParameterList(torch.zeros(rank, out_features) for _ in range(num_experts))
-        self.bias = nn.ParameterList(torch.zeros(out_features) for _ in range(num_experts))
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        for a, b, bias in zip(self.A, self.B, self.bias, strict=True):
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-            nn.init.zeros_(b)
-            nn.init.zeros_(bias)
-
-    def expert_parameters(self, expert: int) -> list[nn.Parameter]:
-        return [self.A[expert], self.B[expert], self.bias[expert]]
-
-    @torch.no_grad()
-    def spread(self, groups: list[list[int]], noise: float, generator: torch.Generator) -> None:
-        """Copy each group's first expert into the group's others, with zero-sum noise.
-
-        ``groups``: the experts of each domain, its own (trained) expert first. Every
-        copy gets the first expert's ``A``; ``B`` and ``b`` get noise of scale
-        ``noise x`` their RMS, centred over the group, so the copies' *average* is
-        the first expert exactly (the expert output is linear in ``B`` and ``b`` for
-        a shared ``A``) while each copy can specialise differently afterwards.
-        """
-        for group in groups:
-            if len(group) < 2:
-                continue
-            first = group[0]
-            for tensors in (self.B, self.bias):
-                source = tensors[first].detach().clone()
-                scale = noise * source.pow(2).mean().sqrt()
-                draws = torch.randn((len(group), *source.shape), generator=generator)
-                draws = (draws - draws.mean(dim=0)) * scale
-                for copy, expert in enumerate(group):
-                    tensors[expert].copy_(source + draws[copy])
-            for expert in group[1:]:
-                self.A[expert].copy_(self.A[first])
-
-    def forward(self, x: Tensor, weights: Tensor, base: Tensor) -> Tensor:
-        """``base + sum_e weights[:, e] * (x A_e B_e + b_e)``.
-
-        ``x [B, in]``, ``weights [B, E]``, ``base [B, out]`` (the base Linear's
-        output). Out-of-place ``addmm`` rather than ``addmm_``: autocast (AMP)
-        covers it, and the ``[B, out]`` copy it costs is small.
-
-        The per-sample weight scales the rank-r code ``x A_e^T`` (``[B, E, r]``);
-        codes and weights then go through ``[B_cat; bias]`` in one product.
-        """
-        n, e, r = x.shape[0], self.num_experts, self.rank
-        a_cat = torch.cat(tuple(self.A), dim=0)  # [E*r, in]
-        code = F.linear(x, a_cat).view(n, e, r) * weights.unsqueeze(-1)  # [B, E, r]
-        mixed_in = torch.cat((code.view(n, e * r), weights), dim=1)  # [B, E*r + E]
-        mix = torch.cat((*self.B, torch.stack(tuple(self.bias))), dim=0)  # [E*r + E, out]
-        return torch.addmm(base, mixed_in, mix)
-
-
 class AdaptedLinear(nn.Module):
     """``nn.Linear`` plus an optional bank of LoRA experts.
 
@@ -248,11 +190,11 @@ class AdaptedLinear(nn.Module):
         self.linear = nn.Linear(in_features, out_features)
         self.lora = lora
 
-    def forward(self, x: Tensor, weights: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, routing: Tensor | ExpertRows | None) -> Tensor:
         h = self.linear(x)
-        if weights is None or self.lora is None:
+        if routing is None or self.lora is None:
             return h
-        return self.lora(x, weights, h)
+        return self.lora(x, routing, h)
 
 
 class Gate(nn.Module):
@@ -453,24 +395,66 @@ class Adapter(nn.Module):
         """Weight of :meth:`auxiliary_loss` in the loss of the phase that trains the gate."""
         return 0.0
 
+    def sparse_top_k(self) -> int | None:
+        """k when the "mixture" routing keeps only each row's k largest weights, else None."""
+        return None
+
+    def rows_path(self, tower_input: Tensor) -> bool:
+        """Whether one-hot and top-k routings take the rows path (``AdapterConfig.products``).
+
+        Never in a traced or exported graph: the rows path's block shape depends on the data.
+        """
+        products = self.config.products
+        if products == "dense" or static_shapes():
+            return False
+        if products == "rows":
+            return True
+        return tower_input.device.type == "cpu" and self.num_experts >= ROWS_FROM_EXPERTS
+
     def mixture_weights(
         self, routing: str, tower_input: Tensor, domain: Tensor, expert: Tensor | None
     ) -> Tensor | None:
         """``[B, E]`` weights of the experts for this batch, or ``None`` when routing is off."""
+        routed = self._route(routing, tower_input, domain, expert, rows=False)
+        assert not isinstance(routed, ExpertRows)
+        return routed
+
+    def route(
+        self, routing: str, tower_input: Tensor, domain: Tensor, expert: Tensor | None
+    ) -> Tensor | ExpertRows | None:
+        """What the tower's layers take: as :meth:`mixture_weights`, or :class:`ExpertRows`
+        when each row uses one expert or a gate's top-k and the rows path is chosen."""
+        return self._route(routing, tower_input, domain, expert, self.rows_path(tower_input))
+
+    def _route(
+        self, routing: str, tower_input: Tensor, domain: Tensor, expert: Tensor | None, rows: bool
+    ) -> Tensor | ExpertRows | None:
         self.check_routing(routing)
         self._auxiliary_loss = None
         if routing == "off":
             return None
-        if routing == "domain":  # the domain's own (first) expert; MLoRA: E = D, expert = domain
-            return one_hot(domain % self.num_experts, self.num_experts, tower_input.dtype)
-        if routing == "expert":
-            if expert is None:
-                raise ValueError(
-                    "routing 'expert' needs the expert of every sample: "
-                    "call model(sparse, domain, expert=LongTensor[B])"
-                )
-            return one_hot(expert, self.num_experts, tower_input.dtype)
-        return self.mixture(tower_input, domain)
+        if routing in ("domain", "expert"):
+            index = self._one_expert(routing, domain, expert)
+            if rows:
+                return ExpertRows(index, self.num_experts)
+            return one_hot(index, self.num_experts, tower_input.dtype)
+        weights = self.mixture(tower_input, domain)
+        k = self.sparse_top_k()
+        if rows and k is not None:
+            values, index = weights.topk(k, dim=-1)
+            return ExpertRows(index, self.num_experts, values)
+        return weights
+
+    def _one_expert(self, routing: str, domain: Tensor, expert: Tensor | None) -> Tensor:
+        """Each row's one expert: the domain's own (first) one, or the given ``expert``."""
+        if routing == "domain":  # MLoRA: E = D, the domain's adapter
+            return domain % self.num_experts
+        if expert is None:
+            raise ValueError(
+                "routing 'expert' needs the expert of every sample: "
+                "call model(sparse, domain, expert=LongTensor[B])"
+            )
+        return expert
 
 
 class NoAdapter(Adapter):
@@ -521,6 +505,10 @@ class MoEAdapter(Adapter):
 
     def gate_weights(self, tower_input: Tensor, domain: Tensor) -> Tensor:
         return self.gate(domain, tower_input)
+
+    def sparse_top_k(self) -> int | None:
+        """The gate's top-k, unless anchored (an anchored row may also use its own experts)."""
+        return None if self.gate.anchored else self.gate.top_k
 
     def mixture(self, tower_input: Tensor, domain: Tensor) -> Tensor:
         if self.auxiliary_loss_weight == 0:

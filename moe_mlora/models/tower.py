@@ -39,7 +39,7 @@ class Tower(nn.Module):
 
     def forward(self, x: Tensor, domain: Tensor, expert: Tensor | None = None) -> Tensor:
         """``x [B, input_dim]`` -> ``[B, output_dim]``."""
-        weights = self.adapter.mixture_weights(self.routing, x, domain, expert)
+        routing = self.adapter.route(self.routing, x, domain, expert)
         for layer in self.layers:
-            x = self.dropout(torch.relu_(layer(x, weights)))
+            x = self.dropout(torch.relu_(layer(x, routing)))
         return x

@@ -26,11 +26,11 @@ from moe_mlora.data.batches import ExpertBatches
 log = logging.getLogger("moe_mlora")
 
 
-def snapshot(parameters: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+def snapshot(parameters: list[torch.Tensor]) -> list[torch.Tensor]:
     return [p.detach().clone() for p in parameters]
 
 
-def restore(parameters: list[torch.nn.Parameter], saved: list[torch.Tensor]) -> None:
+def restore(parameters: list[torch.Tensor], saved: list[torch.Tensor]) -> None:
     with torch.no_grad():
         for parameter, value in zip(parameters, saved, strict=True):
             parameter.copy_(value)
@@ -191,7 +191,7 @@ class ExpertEarlyStopping(L.Callback):
             value = float(scores[expert])
             if _improved(value, record.best, self.min_delta):
                 record.best, record.best_epoch, record.wait = value, trainer.current_epoch, 0
-                record.saved = snapshot(pl_module.model.expert_parameters(expert))
+                record.saved = snapshot(pl_module.model.expert_tensors(expert))
                 continue
             record.wait += 1
             if record.wait >= self.patience:
@@ -206,7 +206,7 @@ class ExpertEarlyStopping(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for expert, record in self.records.items():
             if record.saved is not None:
-                restore(pl_module.model.expert_parameters(expert), record.saved)
+                restore(pl_module.model.expert_tensors(expert), record.saved)
 
     def state_dict(self) -> dict:
         return {"records": {e: asdict(r) for e, r in self.records.items()}}

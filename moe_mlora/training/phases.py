@@ -155,12 +155,10 @@ def set_trainable(
 
     apply(model.backbone_parameters(), backbone)
     apply(model.gate_parameters(), gate)
-    if isinstance(experts, bool):
-        apply(model.expert_parameters(), experts)
-        return
-    chosen = set(experts)
-    for expert in range(model.num_experts):
-        apply(model.expert_parameters(expert), expert in chosen)
+    chosen = set(range(model.num_experts)) if experts is True else set(experts or ())
+    # the experts are stacked tensors: they train if any expert does; Adam skips the others
+    apply(model.expert_parameters(), bool(chosen))
+    model.frozen_experts = frozenset(set(range(model.num_experts)) - chosen)
 
 
 @dataclass

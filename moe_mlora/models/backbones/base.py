@@ -49,6 +49,7 @@ class CTRModel(nn.Module):
                 f"it takes no adapter (adapter.kind={adapter.kind}): use adapter.kind=none"
             )
         self.embeddings = FieldEmbeddings(fields, embedding_dim)
+        self.frozen_experts: frozenset[int] = frozenset()  # set by set_trainable: Adam skips them
 
     def make_tower(
         self, input_dim: int, hidden_units: Sequence[int], dropout: float
@@ -105,16 +106,22 @@ class CTRModel(nn.Module):
         return self.tower.adapter.num_experts
 
     # -- parameter groups (the training phases freeze and optimise these) --------
-    def expert_parameters(self, expert: int | None = None) -> list[nn.Parameter]:
-        """LoRA parameters of all experts, or of expert ``expert``, across all tower layers.
+    def expert_parameters(self) -> list[nn.Parameter]:
+        """The LoRA experts' parameters across all tower layers: ``A``, ``B`` and ``bias`` of
+        each layer, every one stacked over the experts (``[E, ...]``)."""
+        return [p for bank in self._expert_banks() for p in bank.parameters()]
+
+    def expert_tensors(self, expert: int) -> list[Tensor]:
+        """Expert ``expert``'s slices of :meth:`expert_parameters` (views: writes go through).
 
         For MLoRA, expert ``d`` is domain ``d``'s adapter.
         """
-        if expert is not None and not 0 <= expert < self.num_experts:
+        if not 0 <= expert < self.num_experts:
             raise ValueError(f"expert must be in [0, {self.num_experts}), got {expert}")
-        experts = range(self.num_experts) if expert is None else [expert]
-        banks = [layer.lora for layer in self.tower.layers if layer.lora is not None]
-        return [p for e in experts for bank in banks for p in bank.expert_parameters(e)]
+        return [t for bank in self._expert_banks() for t in bank.expert_tensors(expert)]
+
+    def _expert_banks(self) -> list[nn.Module]:
+        return [layer.lora for layer in self.tower.layers if layer.lora is not None]
 
     def gate_parameters(self) -> list[nn.Parameter]:
         """The gate's parameters (empty unless the adapter is MoE)."""

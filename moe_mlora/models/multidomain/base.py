@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from moe_mlora.models.adapters import AdapterConfig, build_adapter
 from moe_mlora.models.layers import Dropout
+from moe_mlora.models.lora import static_shapes
 
 
 class DomainGroups:
@@ -62,17 +63,6 @@ class DomainGroups:
         out = torch.empty_like(product)
         out[self.order] = product
         return out if bias is None else out + bias[self.domain]
-
-
-def static_shapes() -> bool:
-    """Whether the forward is being traced or exported (TorchScript, ONNX, torch.export)."""
-    exporting = getattr(torch.compiler, "is_exporting", lambda: False)
-    return bool(
-        torch.jit.is_tracing()
-        or torch.onnx.is_in_onnx_export()
-        or torch.compiler.is_compiling()
-        or exporting()
-    )
 
 
 def linear_init(weight: Tensor, bias: Tensor | None, fan_in: int) -> None:
