@@ -153,8 +153,6 @@ def test_parallel_phase2_equals_sequential(datamodule, experts):
         assert mine["best_epoch"] == theirs["best_epoch"]
         assert mine["best_val_wauc"] == pytest.approx(theirs["best_val_wauc"], abs=1e-6)
     for e in range(experts):
-        for p, q in zip(
-            module.model.expert_tensors(e), twin.model.expert_tensors(e), strict=True
-        ):
+        for p, q in zip(module.model.expert_tensors(e), twin.model.expert_tensors(e), strict=True):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
     assert parallel.train_samples == sequential.train_samples
