@@ -16,7 +16,7 @@ FIELDS = [FieldSpec("user", 40), FieldSpec("item", 30), FieldSpec("domain", DOMA
 
 def batch(domains: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    domain = torch.tensor(domains)
+    domain = torch.tensor(domains, dtype=torch.long)
     sparse = torch.stack(
         [torch.randint(0, f.vocab_size, (len(domains),), generator=g) for f in FIELDS[:2]]
         + [domain],
@@ -87,11 +87,12 @@ def test_rows_path_equals_dense_path(kind, routing, experts, gate, rows) -> None
 
 def test_auto_takes_the_rows_path_from_the_measured_expert_count() -> None:
     x = torch.zeros(2, 3)
-    few = build_model("mlp", FIELDS, 2, AdapterConfig(kind="mlora")).tower.adapter
-    many = build_model("mlp", FIELDS, DOMAINS, AdapterConfig(kind="mlora")).tower.adapter
-    assert not few.rows_path(x) and many.rows_path(x)
-    dense = build_model("mlp", FIELDS, DOMAINS, AdapterConfig(kind="mlora", products="dense"))
-    assert not dense.tower.adapter.rows_path(x)
+    few = build_model("mlp", FIELDS, DOMAINS, AdapterConfig(kind="mlora")).tower.adapter
+    many = build_model("mlp", FIELDS, 8, AdapterConfig(kind="mlora")).tower.adapter
+    assert not few.rows_path(x) and many.rows_path(x) and not many.rows_path(x, top_k=True)
+    for products, expected in (("dense", False), ("rows", True)):
+        config = AdapterConfig(kind="mlora", products=products)
+        assert build_model("mlp", FIELDS, 2, config).tower.adapter.rows_path(x) == expected
     anchored = AdapterConfig(kind="moe", experts=6, gate={"top_k": 2, "anchored": True})
     adapter = build_model("mlp", FIELDS, DOMAINS, anchored).tower.adapter
     assert adapter.sparse_top_k() is None  # an anchored row may use more than k experts
@@ -108,14 +109,32 @@ def test_a_traced_model_uses_the_dense_path_and_follows_any_domain_mix() -> None
         )
 
 
-def test_expert_rows_give_each_pair_its_own_slot_in_its_experts_block() -> None:
+def test_expert_rows_give_each_pair_its_own_slot_in_a_tile_of_its_expert() -> None:
     expert = torch.tensor([[2, 0], [2, 1], [0, 2], [2, 3]])
-    rows = ExpertRows(expert, 4, torch.full((4, 2), 0.5))
-    assert rows.block_rows == 4  # expert 2 has four pairs
+    rows = ExpertRows(expert, 6, torch.full((4, 2), 0.5))
+    assert rows.num_tiles == 4  # experts 4 and 5 have no rows: no tile
     assert len(set(rows.slot.tolist())) == 8
-    assert torch.equal(rows.slot // rows.block_rows, expert.reshape(-1))
+    assert torch.equal(rows.tile_expert[rows.slot // rows.tile_rows], expert.reshape(-1))
+    assert torch.equal(rows.source[rows.slot], torch.arange(8) // 2)  # each pair reads its row
+    even = ExpertRows(torch.tensor([1, 0, 1, 0, 2, 2]), 3)
+    assert even.tile_expert is None and even.num_tiles == 3 and even.tile_rows == 2
+    assert torch.equal(even.slot // 2, torch.tensor([1, 0, 1, 0, 2, 2]))
     with pytest.raises(ValueError, match="one shape"):
-        ExpertRows(expert, 4, torch.ones(4))
+        ExpertRows(expert, 6, torch.ones(4))
+
+
+def test_an_empty_batch_goes_through_the_rows_path() -> None:
+    model = twin_models("mlora")[1]
+    sparse, domain = batch([])
+    assert model(sparse, domain).shape == (0,)
+
+
+def test_uneven_experts_are_tiled_so_padding_stays_below_a_tile_per_expert() -> None:
+    expert = torch.tensor([0] * 100 + [1] + [3] * 3)
+    rows = ExpertRows(expert, 64)
+    assert rows.tile_rows == 35  # 104 rows over 3 used experts
+    assert rows.tile_expert.tolist() == [0, 0, 0, 1, 3]
+    assert rows.num_tiles * rows.tile_rows < len(expert) + 3 * rows.tile_rows
 
 
 def test_weights_saved_with_one_tensor_per_expert_still_load() -> None:

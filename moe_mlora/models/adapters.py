@@ -42,9 +42,11 @@ ROUTINGS = ("off", "domain", "expert", "mixture")
 GATE_INPUTS = ("domain", "domain_features")
 PRODUCTS = ("auto", "dense", "rows")
 # products=auto computes each row's own experts only (the rows path) from this many experts
-# on; below it the dense path's two large GEMMs are faster. Measured on 2 CPU threads, DeepFM
-# tower 256-128-64, batch 1024 (python -m moe_mlora.bench scaling, experiments/scaling.md).
-ROWS_FROM_EXPERTS = 4
+# on (one expert per row; a gate's top-k); below it the dense path's two large GEMMs are as
+# fast or faster. Measured on 2 CPU threads, DeepFM tower 256-128-64, batch 1024
+# (python -m moe_mlora.bench scaling, experiments/scaling.md).
+ROWS_FROM_EXPERTS = 8
+ROWS_FROM_EXPERTS_TOP_K = 32
 
 
 @dataclass
@@ -128,7 +130,8 @@ class AdapterConfig:
     experts' products are computed when each row uses one expert or a gate's
     top-k (see :mod:`moe_mlora.models.lora`): "rows" (each row's own experts
     only), "dense" (every expert for every row, then weighted) or "auto" (rows
-    on CPU from :data:`ROWS_FROM_EXPERTS` experts on, dense otherwise). The
+    on CPU from :data:`ROWS_FROM_EXPERTS` experts on, or
+    :data:`ROWS_FROM_EXPERTS_TOP_K` for a top-k gate; dense otherwise). The
     results are the same up to float rounding; only speed differs.
     """
 
@@ -399,17 +402,17 @@ class Adapter(nn.Module):
         """k when the "mixture" routing keeps only each row's k largest weights, else None."""
         return None
 
-    def rows_path(self, tower_input: Tensor) -> bool:
-        """Whether one-hot and top-k routings take the rows path (``AdapterConfig.products``).
-
-        Never in a traced or exported graph: the rows path's block shape depends on the data.
-        """
+    def rows_path(self, tower_input: Tensor, top_k: bool = False) -> bool:
+        """Whether a one-hot (or, ``top_k``, a top-k) routing takes the rows path
+        (``AdapterConfig.products``). Never in a traced or exported graph: the rows
+        path's tile shapes depend on the data."""
         products = self.config.products
         if products == "dense" or static_shapes():
             return False
         if products == "rows":
             return True
-        return tower_input.device.type == "cpu" and self.num_experts >= ROWS_FROM_EXPERTS
+        threshold = ROWS_FROM_EXPERTS_TOP_K if top_k else ROWS_FROM_EXPERTS
+        return tower_input.device.type == "cpu" and self.num_experts >= threshold
 
     def mixture_weights(
         self, routing: str, tower_input: Tensor, domain: Tensor, expert: Tensor | None
@@ -424,23 +427,29 @@ class Adapter(nn.Module):
     ) -> Tensor | ExpertRows | None:
         """What the tower's layers take: as :meth:`mixture_weights`, or :class:`ExpertRows`
         when each row uses one expert or a gate's top-k and the rows path is chosen."""
-        return self._route(routing, tower_input, domain, expert, self.rows_path(tower_input))
+        return self._route(routing, tower_input, domain, expert, rows=None)
 
     def _route(
-        self, routing: str, tower_input: Tensor, domain: Tensor, expert: Tensor | None, rows: bool
+        self,
+        routing: str,
+        tower_input: Tensor,
+        domain: Tensor,
+        expert: Tensor | None,
+        rows: bool | None,
     ) -> Tensor | ExpertRows | None:
+        """``rows``: False for dense weights always, None to choose by :meth:`rows_path`."""
         self.check_routing(routing)
         self._auxiliary_loss = None
         if routing == "off":
             return None
         if routing in ("domain", "expert"):
             index = self._one_expert(routing, domain, expert)
-            if rows:
+            if rows is None and self.rows_path(tower_input):
                 return ExpertRows(index, self.num_experts)
             return one_hot(index, self.num_experts, tower_input.dtype)
         weights = self.mixture(tower_input, domain)
         k = self.sparse_top_k()
-        if rows and k is not None:
+        if k is not None and rows is None and self.rows_path(tower_input, top_k=True):
             values, index = weights.topk(k, dim=-1)
             return ExpertRows(index, self.num_experts, values)
         return weights

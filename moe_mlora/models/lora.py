@@ -16,12 +16,12 @@ Two ways to compute ``sum_e w[b, e] (x_b A_e^T B_e + b_e)`` (both exact):
   with E, but it is two large GEMMs: the faster choice with few experts, and the
   only one for a dense softmax mixture.
 * **rows** (:class:`ExpertRows`: each row names its k experts and weights): each
-  row meets only its own experts. Rows are laid out per expert in a padded
-  ``[E, M, in]`` block (M: the most rows any expert has in the batch), multiplied
-  by the stacked ``A`` and ``B`` with two batched products, and read back. Cost
-  follows the number of rows, not E x rows. It serves one-hot routing (MLoRA, a
-  domain's or a phase-2 expert's rows) and a gate's top-k. Its block has a shape
-  that depends on the data, so a traced or exported graph uses the dense path.
+  row meets only its own experts. Rows are laid out per expert in padded tiles
+  (``[tiles, tile rows, in]``), multiplied by their experts' ``A`` and ``B`` with
+  two batched products, and read back. Cost follows the number of rows, not E x
+  rows. It serves one-hot routing (MLoRA, a domain's or a phase-2 expert's rows) and
+  a gate's top-k. Its tiles have shapes that depend on the data, so a traced or
+  exported graph uses the dense path.
 """
 
 from __future__ import annotations
@@ -44,12 +44,22 @@ def static_shapes() -> bool:
     )
 
 
+MIN_TILE_ROWS = 16  # fewer rows per batched product wastes more time than padding costs
+PADDING_ALLOWED = 1.25  # one tile per expert (no per-tile weights) while padding is this small
+
+
 class ExpertRows:
     """Which k experts each of the batch's B rows uses, laid out for per-expert products.
 
     ``expert [B]`` (one expert per row, weight 1) or ``[B, k]`` with ``weight [B, k]``
-    (a gate's top-k). The B*k (row, expert) pairs get a *slot* in a padded
-    ``[E * M]`` block: expert e's pairs fill ``e*M .. e*M + count_e - 1`` in row order.
+    (a gate's top-k). The B*k (row, expert) pairs are grouped by expert into *tiles* of
+    ``tile_rows`` rows. When the experts' shares are even (padding every expert to the
+    largest one's rows costs at most :data:`PADDING_ALLOWED` x the rows), tile e is
+    expert e. Otherwise an expert with c pairs gets ``ceil(c / tile_rows)`` tiles of
+    its own, ``tile_rows`` being the pairs per used expert (at least
+    :data:`MIN_TILE_ROWS`): padding then stays below one tile per used expert however
+    unevenly the rows are spread (a few large domains, a gate that sends every row of a
+    domain to the same two experts), and experts without rows cost nothing.
     Computed once per forward and shared by every layer of the tower.
     """
 
@@ -61,15 +71,34 @@ class ExpertRows:
         self.k = 1 if expert.dim() == 1 else expert.shape[1]
         self.num_experts = num_experts
         flat = expert.reshape(-1)
+        pairs = flat.numel()
         counts = torch.bincount(flat, minlength=num_experts)
         if counts.numel() > num_experts:
             raise ValueError(f"expert indices must be in [0, {num_experts}), got {int(flat.max())}")
-        self.block_rows = int(counts.max()) if flat.numel() else 0
+        used = max(int((counts > 0).sum()), 1)
+        most = int(counts.max()) if pairs else 0
+        if (
+            pairs and num_experts * most <= PADDING_ALLOWED * pairs
+        ):  # one tile per expert: no gathers
+            self.tile_rows, tiles = max(most, 1), torch.ones_like(counts)
+            self.tile_expert: Tensor | None = None
+        else:
+            self.tile_rows = max(MIN_TILE_ROWS, -(-pairs // used))
+            tiles = (counts + self.tile_rows - 1) // self.tile_rows
+            arange = torch.arange(num_experts, device=flat.device)
+            self.tile_expert = torch.repeat_interleave(arange, tiles)
+        self.num_tiles = int(tiles.sum())
+        first_tile = torch.cumsum(tiles, 0) - tiles
         order = torch.argsort(flat, stable=True)
         starts = torch.cumsum(counts, 0) - counts
         position = torch.empty_like(flat)
-        position[order] = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]
-        self.slot = flat * self.block_rows + position
+        position[order] = torch.arange(pairs, device=flat.device) - starts[flat[order]]
+        self.slot = first_tile[flat] * self.tile_rows + position  # [B*k]: each pair's block row
+        # Each block row's row of the batch. Padding rows read row 0: their products are never
+        # read back, so they get no gradient and add none.
+        blocks = self.num_tiles * self.tile_rows
+        self.source = torch.zeros(blocks, dtype=torch.long, device=flat.device)
+        self.source[self.slot] = torch.arange(pairs, device=flat.device) // self.k
         self.weight = None if weight is None else weight.reshape(-1, 1)
 
 
@@ -149,17 +178,20 @@ class LoRAExperts(nn.Module):
         return torch.addmm(base, mixed_in, mix)
 
     def _rows_products(self, x: Tensor, rows: ExpertRows) -> Tensor:
-        """Each row through its own k experts only: padded per-expert block, two ``bmm``."""
-        pairs = x if rows.k == 1 else x.repeat_interleave(rows.k, dim=0)
-        blocks = self.num_experts * rows.block_rows
-        block = x.new_zeros(blocks, x.shape[1]).index_copy(0, rows.slot, pairs)
-        code = torch.bmm(block.view(self.num_experts, rows.block_rows, -1), self.A.transpose(1, 2))
-        products = torch.baddbmm(self.bias.unsqueeze(1), code, self.B)  # [E, M, out]
-        out = products.view(blocks, -1).index_select(0, rows.slot)
+        """Each row through its own k experts only: the rows in per-expert tiles, each tile
+        times its expert's ``A`` and ``B`` (gathered per tile), two ``bmm``."""
+        blocks = rows.num_tiles * rows.tile_rows
+        block = x.index_select(0, rows.source).view(rows.num_tiles, rows.tile_rows, x.shape[1])
+        a, b, bias = self.A, self.B, self.bias
+        if rows.tile_expert is not None:  # tiles of uneven experts: each tile's weights
+            a, b, bias = (t.index_select(0, rows.tile_expert) for t in (a, b, bias))
+        code = torch.bmm(block, a.transpose(1, 2))  # [tiles, tile_rows, r]
+        products = torch.baddbmm(bias.unsqueeze(1), code, b)  # [tiles, tile_rows, out]
+        out = products.view(blocks, self.out_features).index_select(0, rows.slot)
         if rows.weight is None:
             return out
         out = out * rows.weight.to(out.dtype)
-        return out.view(rows.num_rows, rows.k, -1).sum(dim=1)
+        return out.view(rows.num_rows, rows.k, self.out_features).sum(dim=1)
 
 
 def _stack_per_expert_keys(module: LoRAExperts, state_dict: dict, prefix: str, *args) -> None:

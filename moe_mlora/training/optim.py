@@ -62,15 +62,14 @@ class Adam(torch.optim.Optimizer):
         super().__init__(groups, defaults)
         self.skip = skip
 
-    def _state(self, parameter: torch.nn.Parameter, stacked: bool) -> dict:
+    def _state(self, parameter: torch.nn.Parameter) -> dict:
+        """Adam's state. ``step`` is one count (0-d) while every expert of a stacked tensor has
+        taken the same steps, and one count per expert (``[E]``) once they differ."""
         state = self.state[parameter]
         if not state:
-            shape = (parameter.shape[0],) if stacked else ()
-            state["step"] = torch.zeros(shape, dtype=torch.float32, device=parameter.device)
+            state["step"] = torch.zeros((), dtype=torch.float32, device=parameter.device)
             state["exp_avg"] = torch.zeros_like(parameter, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(parameter, memory_format=torch.preserve_format)
-            if stacked:
-                state["steps_equal"] = True  # every expert has taken the same number of steps
         return state
 
     @torch.no_grad()
@@ -84,29 +83,26 @@ class Adam(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            states = [self._state(p, group["experts"]) for p in params]
-            if group["experts"]:
+            states = [self._state(p) for p in params]
+            if group["experts"] and skip:
                 self._experts_step(group, params, states, skip)
+            elif group["experts"] and any(state["step"].dim() for state in states):
+                self._experts_step(group, params, states, frozenset())
             else:
-                steps = [state["step"] for state in states]
-                self._adam(group, params, states, steps)
+                self._adam(group, params, states, [state["step"] for state in states])
         return loss
 
     def _experts_step(
         self, group: dict, params: list, states: list[dict], skip: frozenset[int]
     ) -> None:
+        """Update each expert not in ``skip`` on its own slices, with its own step count."""
         experts = params[0].shape[0]
         updated = [e for e in range(experts) if e not in skip]
         if not updated:
             return
-        if len(updated) == experts and all(state["steps_equal"] for state in states):
-            shared = [state["step"][0].clone() for state in states]
-            self._adam(group, params, states, shared)
-            for state in states:
-                state["step"].add_(1)
-            return
         for state in states:
-            state["steps_equal"] = False
+            if state["step"].dim() == 0:  # from here on the experts' counts may differ
+                state["step"] = state["step"].expand(experts).clone()
         moments = ("exp_avg", "exp_avg_sq")
         self._adam(
             group,
