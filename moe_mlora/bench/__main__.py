@@ -12,6 +12,7 @@ BENCHMARKS = {
     "predict": "rows/second of python -m moe_mlora.predict on 1M generated rows",
     "gpu": "training samples/s, DeepFM base and MoE-MLoRA E=8, batch 1024/8192, Taobao-20",
     "scaling": "step time vs base as domains and experts grow (MLoRA, phases 2 and 3)",
+    "contention": "the default run idle and beside N busy processes, per thread setting",
     "cin": "xDeepFM step time: our CIN vs a Conv1d CIN, glibc's vs the tuned allocator",
 }
 

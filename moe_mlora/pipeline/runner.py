@@ -33,9 +33,12 @@ from moe_mlora.sweep import (
     config_fingerprint,
     job_threads,
 )
+from moe_mlora.threads import free_cpu_threads
 from moe_mlora.training.checkpoints import CHECKPOINT_DIR, RunCheckpoints
 from moe_mlora.training.phases import Schedule
 
+# torch's own choice (one thread per core), before any run of this process changes it
+TORCH_DEFAULT_THREADS = torch.get_num_threads()
 log = logging.getLogger("moe_mlora")
 
 
@@ -98,16 +101,39 @@ def train_and_evaluate(cfg: DictConfig, output_dir: Path) -> dict:
         return _train_and_evaluate(cfg, output_dir)
 
 
+def set_threads(cfg: DictConfig) -> None:
+    """``threads``, a sweep job's share, or (neither set) the CPUs other processes leave free.
+
+    Under DDP, or with ``OMP_NUM_THREADS`` set, an unset ``threads`` leaves torch's choice.
+    """
+    threads = job_threads(cfg)
+    ddp = str(cfg.trainer.get("strategy", "")).startswith("ddp")
+    if threads:
+        torch.set_num_threads(threads)
+        if ddp:  # Lightning's DDP launcher sets cores // processes threads unless this is set
+            os.environ["OMP_NUM_THREADS"] = str(threads)
+        log.info("torch threads: %d", torch.get_num_threads())
+        return
+    if ddp or "OMP_NUM_THREADS" in os.environ:
+        log.info("torch threads: %d", torch.get_num_threads())
+        return
+    threads, counted = free_cpu_threads(TORCH_DEFAULT_THREADS)
+    torch.set_num_threads(threads)
+    log.info("torch threads: %d (%s; set threads=N to choose)", threads, counted)
+    if threads < TORCH_DEFAULT_THREADS:
+        log.warning(
+            "the machine is busy (%s): training on %d thread(s) instead of %d, which is faster "
+            "when other processes hold the CPUs; set threads=N to choose",
+            counted,
+            threads,
+            TORCH_DEFAULT_THREADS,
+        )
+
+
 def _train_and_evaluate(cfg: DictConfig, output_dir: Path) -> dict:
     start = time.perf_counter()
     output_dir.mkdir(parents=True, exist_ok=True)
-    threads = job_threads(cfg)
-    if threads:
-        torch.set_num_threads(threads)
-        if str(cfg.trainer.get("strategy", "")).startswith("ddp"):
-            # Lightning's DDP launcher sets cores // processes threads unless this is set.
-            os.environ["OMP_NUM_THREADS"] = str(threads)
-    log.info("torch threads: %d", torch.get_num_threads())
+    set_threads(cfg)
     try:
         configure_allocator(str(cfg.get("allocator", "default")))
     except ValueError as error:
