@@ -74,6 +74,60 @@ def test_split_is_seeded_and_random():
     assert len(stratified_domain_split(np.zeros(0), np.zeros(0))) == 0
 
 
+def _sorting_split(domain, label, fractions, seed) -> np.ndarray:
+    """The split as first written (np.unique twice, one lexsort): the reference."""
+    n = len(domain)
+    _, domain_idx = np.unique(domain, return_inverse=True)
+    label_values, label_idx = np.unique(label, return_inverse=True)
+    group = domain_idx.astype(np.int64) * len(label_values) + label_idx
+    order = np.lexsort((np.random.Generator(np.random.PCG64(seed)).permutation(n), group))
+    sorted_group = group[order]
+    sizes = np.bincount(group)
+    rank = np.arange(n) - np.concatenate(([0], np.cumsum(sizes)[:-1]))[sorted_group]
+    cumulative = np.cumsum(fractions)
+    codes_sorted = np.full(n, 2, dtype=np.int8)
+    codes_sorted[rank < np.round(sizes * cumulative[1]).astype(np.int64)[sorted_group]] = 1
+    codes_sorted[rank < np.round(sizes * cumulative[0]).astype(np.int64)[sorted_group]] = 0
+    codes = np.empty(n, dtype=np.int8)
+    codes[order] = codes_sorted
+    return codes
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "toy",
+        "negative domains",
+        "sparse domain ids",
+        "bool labels",
+        "all positive",
+        "soft labels",
+        "string domains",
+        "huge domain ids",
+    ],
+)
+def test_split_equals_the_sorting_reference(case):
+    rng = np.random.default_rng(7)
+    domain, label = _toy(3000, seed=3)
+    if case == "negative domains":
+        domain = domain - 2
+    elif case == "sparse domain ids":
+        domain = np.array([3, 40, 41, 900, 65000])[domain]
+    elif case == "bool labels":
+        label = label > 0.5
+    elif case == "all positive":
+        label = np.ones_like(label)
+    elif case == "soft labels":
+        label = rng.choice([0.0, 0.25, 1.0], size=label.size)
+    elif case == "string domains":
+        domain = np.array(["b", "a", "z", "c", "q"])[domain]
+    elif case == "huge domain ids":
+        domain = domain * 10**9
+    for fractions, seed in (((0.6, 0.2, 0.2), 123), ((0.8, 0.1, 0.1), 5)):
+        expected = _sorting_split(domain, label, fractions, seed)
+        assert np.array_equal(stratified_domain_split(domain, label, fractions, seed), expected)
+
+
 def test_split_is_fast_on_a_million_rows():
     import time
 

@@ -5,7 +5,7 @@
 negatives, split, cache write) from scratch in a child process, and the
 cache-hit load in another, reporting wall time and the child's peak resident
 memory (``ru_maxrss``: polars allocates outside Python, so tracemalloc would
-miss most of it). Targets for 10M clicks: under 2 minutes and 8 GB on 2 cores.
+miss most of it). Targets for 10M clicks: under 60 s and 4 GB on 2 cores.
 
 ``grid``: DeepFM on Taobao-10/20/30 of one generated log, base / MLoRA /
 MoE-MLoRA with E = N and 2N experts, over seeds: test WAUC mean and std per
@@ -106,8 +106,8 @@ def prep(argv: list[str]) -> None:
         f"  preprocess + cache write: {build['wall_s']:.1f} s ({rate:,.0f} clicks/s), "
         f"peak RSS {build['peak_mb']:,.0f} MB\n"
         f"  cache hit (load):         {hit['wall_s']:.1f} s, peak RSS {hit['peak_mb']:,.0f} MB\n"
-        f"  targets: < 120 s {'ok' if build['wall_s'] < 120 else 'MISSED'}, "
-        f"< 8 GB {'ok' if build['peak_mb'] < 8192 else 'MISSED'}"
+        f"  targets: < 60 s {'ok' if build['wall_s'] < 60 else 'MISSED'}, "
+        f"< 4 GB {'ok' if build['peak_mb'] < 4096 else 'MISSED'}"
     )
 
 
