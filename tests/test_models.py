@@ -162,3 +162,22 @@ def test_dropout_keeps_one_minus_p_scaled_and_is_identity_in_eval() -> None:
     assert drop.eval()(x) is x
     with pytest.raises(ValueError, match="dropout"):
         Dropout(1.0)
+
+
+def test_field_softmax_equals_torch_softmax_with_its_gradient() -> None:
+    from moe_mlora.models.layers import field_softmax
+
+    scores = torch.randn(16, 2, 7, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(field_softmax, (scores,))
+    big = (torch.randn(64, 2, 7, 7) * 40).requires_grad_()  # large scores: no overflow
+    mine, theirs = field_softmax(big), torch.softmax(big, dim=-1)
+    torch.testing.assert_close(mine, theirs)
+    grad = torch.randn_like(mine)
+    torch.testing.assert_close(
+        torch.autograd.grad(mine, big, grad)[0], torch.autograd.grad(theirs, big, grad)[0]
+    )
+    half = torch.randn(4, 2, 7, 7, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = field_softmax(half.bfloat16())  # in float32, as autocast runs softmax
+    out.sum().backward()
+    assert out.dtype == torch.float32 and half.grad.dtype == torch.float32

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from moe_mlora.data.processed import FieldSpec
 from moe_mlora.models.features import EMBEDDING_INIT_STD
+from moe_mlora.models.lora import static_shapes
 
 
 class FirstOrderLinear(nn.Module):
@@ -177,6 +178,38 @@ class OuterProduct(nn.Module):
         return (left * right * self.kernel).sum(dim=-1)
 
 
+class _FieldSoftmax(torch.autograd.Function):
+    """Softmax over a short last dim (a row of F field scores), forward and backward by hand.
+
+    torch's CPU softmax kernel is slow for short rows: over ``[1024, 2, 7, 7]`` it took about
+    1.0 ms forward and 1.4 ms with backward, against 0.2 and 0.37 ms here, which made it a
+    fifth of an AutoInt step. Computed in float32 (autocast runs softmax in float32 too).
+    """
+
+    @staticmethod
+    def forward(ctx, scores: Tensor) -> Tensor:
+        ctx.input_dtype = scores.dtype
+        scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
+        weights = (scores - scores.amax(-1, keepdim=True)).exp_()
+        weights = weights.div_(weights.sum(-1, keepdim=True))
+        ctx.save_for_backward(weights)
+        return weights
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (weights,) = ctx.saved_tensors
+        grad = grad.to(weights.dtype)
+        return (weights * (grad - (grad * weights).sum(-1, keepdim=True))).to(ctx.input_dtype)
+
+
+def field_softmax(scores: Tensor) -> Tensor:
+    """``softmax(scores, dim=-1)``; by hand on CPU (see :class:`_FieldSoftmax`), torch's own on
+    other devices and in traced or exported graphs (an autograd Function does not export)."""
+    if scores.device.type != "cpu" or static_shapes():
+        return torch.softmax(scores, dim=-1)
+    return _FieldSoftmax.apply(scores)
+
+
 class InteractingLayer(nn.Module):
     """AutoInt's interacting layer: multi-head self-attention over fields, residual, ReLU.
 
@@ -210,7 +243,7 @@ class InteractingLayer(nn.Module):
         projected = embeddings @ self.weight  # [B, F, n * dim]
         qkv = projected[..., : 3 * dim].unflatten(-1, (3, self.num_heads, dim // self.num_heads))
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, F, d_h]
-        scores = torch.softmax(query @ key.transpose(-1, -2) * self.scale, dim=-1)
+        scores = field_softmax(query @ key.transpose(-1, -2) * self.scale)
         out = (scores @ value).transpose(1, 2).reshape(batch, fields, dim)
         if self.residual:
             out = out + projected[..., 3 * dim :]
