@@ -18,7 +18,8 @@ from moe_mlora.data import taobao
 from moe_mlora.data.generate import main as generate_main
 from moe_mlora.data.processed import DataError
 from moe_mlora.data.synthetic_taobao import RAW_FILES, generate_taobao
-from moe_mlora.data.taobao import build_taobao, prepare_taobao, taobao_source
+from moe_mlora.data.taobao import build_taobao, prepare_taobao
+from moe_mlora.data.taobao_source import taobao_source
 from moe_mlora.models.features import FieldEmbeddings
 from moe_mlora.pipeline.runner import train_and_evaluate
 

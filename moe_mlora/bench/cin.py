@@ -1,6 +1,6 @@
 """xDeepFM step time by CIN implementation and allocator: ``python -m moe_mlora.bench cin``.
 
-Our :class:`~moe_mlora.models.layers.CIN` (channel-last products, hand-written
+Our :class:`~moe_mlora.models.cin.CIN` (channel-last products, hand-written
 backward) against the ``nn.Conv1d`` formulation of DeepCTR-Torch (same math,
 same initial weights), each inside our xDeepFM, in a plain training loop
 (fused Adam, BCE, batches of 1024 real ML-100K rows, gender split), rounds
@@ -37,7 +37,7 @@ BATCH_SIZE = 1024
 class Conv1dCIN(nn.Module):
     """DeepCTR-Torch's CIN formulation (``nn.Conv1d`` over ``[B, F * H, dim]``), for reference.
 
-    Initialised from a :class:`~moe_mlora.models.layers.CIN` so both start from the same
+    Initialised from a :class:`~moe_mlora.models.cin.CIN` so both start from the same
     weights; the forward is the previous implementation of ours.
     """
 

@@ -47,7 +47,7 @@ METHODS = ("base", "mlora", "moe_mlora:N", "moe_mlora:2N")
 
 def bench_root(cache: Path, clicks: int, users: int, items: int, themes: int, seed: int) -> Path:
     """The generated log for these sizes, made once under ``cache`` (timed when made)."""
-    from moe_mlora.data.taobao import resolve_root
+    from moe_mlora.data.taobao_source import resolve_root
 
     params = {"themes": themes, "users": users, "items": items, "clicks": clicks, "seed": seed}
     start = time.perf_counter()

@@ -134,8 +134,8 @@ def table_source(
 
 
 def taobao_source(**options) -> ProcessedData:
-    """Taobao CloudTheme, Taobao-N themes (see :func:`moe_mlora.data.taobao.taobao_source`)."""
-    from moe_mlora.data.taobao import taobao_source as build
+    """Taobao CloudTheme, Taobao-N themes (:func:`moe_mlora.data.taobao_source.taobao_source`)."""
+    from moe_mlora.data.taobao_source import taobao_source as build
 
     return build(**options)
 

@@ -324,7 +324,7 @@ def upgrade_state_dict(saved: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
     """Rename weights saved by earlier versions to the current layout.
 
     Before 2026-11-24 xDeepFM's CIN held ``nn.Conv1d`` layers (``cin.convs.k``, weight
-    ``[out, in, 1]``); it now holds :class:`~moe_mlora.models.layers.CINMap` layers
+    ``[out, in, 1]``); it now holds :class:`~moe_mlora.models.cin.CINMap` layers
     (``cin.maps.k``, weight ``[in, out]``) computing the same function.
     """
     upgraded = {}
