@@ -330,10 +330,14 @@ def test_two_processes_evaluate_exactly_like_one_and_train_identically(cache_dir
 
 
 @pytest.mark.slow
-def test_command_line_ddp_run_completes_close_to_one_process(cache_dir, tmp_path):
+@pytest.mark.parametrize(
+    ("schedule", "phases"),
+    [("paper", ["backbone", "experts", "gate"]), ("warm", ["joint", "finetune"])],
+)
+def test_command_line_ddp_run_completes_close_to_one_process(cache_dir, tmp_path, schedule, phases):
     """``python -m moe_mlora.run trainer=ddp``: Lightning re-runs the command for rank 1."""
     overrides = tiny(
-        cache_dir, "method=moe_mlora", "method/schedule=paper", "trainer.accelerator=cpu"
+        cache_dir, "method=moe_mlora", f"method/schedule={schedule}", "trainer.accelerator=cpu"
     )
     single = train_and_evaluate(compose(overrides), tmp_path / "single")
 
@@ -353,7 +357,7 @@ def test_command_line_ddp_run_completes_close_to_one_process(cache_dir, tmp_path
     assert not (run_dir / "checkpoints").exists()
     assert done.stdout.count("results: ") == 1  # the summary is printed once
     results = json.loads(found[0].read_text())
-    assert [p["kind"] for p in results["phases"]] == ["backbone", "experts", "gate"]
+    assert [p["kind"] for p in results["phases"]] == phases
     test = results["test"]
     assert (
         sum(d["samples"] for d in test["per_domain"].values()) == results["data"]["test"]["samples"]
