@@ -22,7 +22,7 @@ from moe_mlora.sweep import (
     run_fields,
 )
 from moe_mlora.training.module import CTRModule
-from moe_mlora.training.phases import PhaseReport, metrics_to_json
+from moe_mlora.training.reports import PhaseReport, metrics_to_json
 
 log = logging.getLogger("moe_mlora")
 
