@@ -10,6 +10,11 @@ mean ± std, epochs, training samples/second, our/their AUC difference and speed
 PASS/FAIL against the targets, plus our MoE-MLoRA (E experts) throughput against their base.
 
 Needs the optional extra: ``make install-bench`` (installs deepctr-torch with torch pinned).
+
+This file is longer than the package's other modules (about 750 lines) because it carries,
+beside the two training loops, the method text it writes into ``experiments/parity.md``
+(how the comparison is made fair, about 120 lines). The text stays next to the code it
+describes, so that changing one shows the other.
 """
 
 from __future__ import annotations
