@@ -45,7 +45,8 @@ def static_shapes() -> bool:
 
 
 MIN_TILE_ROWS = 16  # fewer rows per batched product wastes more time than padding costs
-PADDING_ALLOWED = 1.25  # one tile per expert (no per-tile weights) while padding is this small
+PADDING_ALLOWED = 1.7  # one tile per expert (no per-tile weights) while padding is this small:
+# MLoRA at D = 21 and 30 stepped 4% faster with 1.7 than with 1.25 (2 threads, batch 1024)
 
 
 class ExpertRows:
