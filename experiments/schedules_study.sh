@@ -42,6 +42,6 @@ for split in movielens_gender movielens_age movielens_occupation; do
         hydra.sweep.dir="$study/ml100k_k/$split"
 done
 
-$python -m moe_mlora.report "$study/runs" --out experiments/results/schedules/taobao20
-$python -m moe_mlora.report "$study/ml100k" --out experiments/results/schedules/ml100k
-$python -m moe_mlora.report "$study/ml100k" "$study/ml100k_k" --out experiments/results/schedules/ml100k_experts
+$python -m moe_mlora.report "$study/runs" out=experiments/results/schedules/taobao20
+$python -m moe_mlora.report "$study/ml100k" out=experiments/results/schedules/ml100k
+$python -m moe_mlora.report "$study/ml100k" "$study/ml100k_k" out=experiments/results/schedules/ml100k_experts

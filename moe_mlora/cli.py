@@ -1,13 +1,17 @@
-"""``key=value`` command lines (as Hydra's) for the small serving commands: predict, export.
+"""``key=value`` command lines (as Hydra's) for the commands that are not Hydra apps.
 
-These commands take a handful of paths, so they parse their arguments here
-rather than compose a Hydra config; the syntax stays the same as ``run``'s.
+``run`` takes ``key=value`` overrides; so do the others. predict and export take a handful
+of paths, so they parse their arguments here rather than compose a Hydra config. report and
+the data generators keep an argparse parser (for ``--help`` and checks) and read
+``key=value`` through :func:`key_value_argv` (their older ``--key value`` still works).
 Bad input ends with ``<prog>: error: <message>`` and exit status 2, without a
 traceback: the message says what to fix, the stack would only hide it.
 """
 
 from __future__ import annotations
 
+import argparse
+import re
 import sys
 from collections.abc import Callable, Sequence
 
@@ -15,6 +19,44 @@ from moe_mlora.data.processed import DataError
 from moe_mlora.serving import ServingError
 
 HELP_FLAGS = ("-h", "--help")
+
+
+KEY = re.compile(r"[a-z][a-z0-9_-]*")
+
+
+def key_value_argv(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[str]:
+    """``key=value`` tokens as the parser's ``--key value``; other tokens pass unchanged.
+
+    A token is translated when ``--key`` (``_`` read as ``-``) is an option of the parser or
+    of the subcommand named in ``argv``, so positional folders (even ones with ``=`` in their
+    names, as sweep jobs have) are left alone. A flag that takes no value reads
+    ``key=true`` (given) or ``key=false`` (left out).
+    """
+    options = _options(parser, argv)
+    out: list[str] = []
+    for token in argv:
+        key, sep, value = token.partition("=")
+        action = options.get("--" + key.replace("_", "-")) if sep and KEY.fullmatch(key) else None
+        if action is None:
+            out.append(token)
+        elif action.nargs == 0:
+            if value.lower() not in ("true", "false"):
+                raise SystemExit(f"{parser.prog}: error: {key} takes true or false, got {value!r}")
+            out += [action.option_strings[-1]] if value.lower() == "true" else []
+        else:
+            out += [action.option_strings[-1], value]
+    return out
+
+
+def _options(parser: argparse.ArgumentParser, argv: Sequence[str]) -> dict[str, argparse.Action]:
+    options = dict(parser._option_string_actions)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for token in argv:
+                if token in action.choices:
+                    options.update(action.choices[token]._option_string_actions)
+                    break
+    return options
 
 
 class UsageError(ValueError):

@@ -102,3 +102,15 @@ def test_labels_depend_on_user_item_and_domain(ml1m_root):
     assert _auc(score, test.label.numpy()) > 0.7
     rates = train.domain_positive_rates(data.num_domains)
     assert float(rates.max() - rates.min()) > 0.05
+
+
+def test_generators_take_key_value_arguments_like_every_command(tmp_path, capsys):
+    sizes = [
+        f"{flag.lstrip('-')}={value}" for flag, value in zip(SMALL[::2], SMALL[1::2], strict=True)
+    ]
+    assert main(["movielens", "format=ml-100k", f"out={tmp_path / 'kv'}", *sizes]) == 0
+    assert main(["movielens", "--format", "ml-100k", "--out", str(tmp_path / "flags"), *SMALL]) == 0
+    assert (tmp_path / "kv/u.data").read_bytes() == (tmp_path / "flags/u.data").read_bytes()
+    with pytest.raises(SystemExit):
+        main(["movielens", f"out={tmp_path / 'x'}", "ratings=lots"])
+    assert "invalid int value" in capsys.readouterr().err

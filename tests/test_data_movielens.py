@@ -42,7 +42,7 @@ def _check_split_sizes(data) -> None:
 def test_detect_format(ml1m_root, ml100k_root, tmp_path):
     assert detect_format(ml1m_root) == "ml-1m"
     assert detect_format(ml100k_root) == "ml-100k"
-    with pytest.raises(DataError, match=r"no such folder.*users\.dat.*u\.data.*--format"):
+    with pytest.raises(DataError, match=r"no such folder.*users\.dat.*u\.data.*format=ml-100k"):
         detect_format(tmp_path / "missing")
     (tmp_path / "notes.txt").write_text("hi")
     (tmp_path / "u.data").write_text("1\t1\t1\t1\n")

@@ -412,3 +412,12 @@ def test_a_value_that_is_not_a_record_says_why(values, reason):
 
     with pytest.raises(RecordError, match=reason):
         RunRecord.from_json(values)
+
+
+def test_report_takes_key_value_arguments_like_every_command(tmp_path):
+    folder = tmp_path / "data=toy,method=base,seed=1"  # a sweep job's name: stays a folder
+    write_run(folder, "base", 1, 0.7, (0.7, 0.6))
+    assert main([str(folder), f"out={tmp_path / 'kv'}", "wandb_project=x"]) == 0
+    assert (tmp_path / "kv/report.csv").is_file()
+    assert main([str(folder), "--out", str(tmp_path / "flags")]) == 0  # the older form
+    assert (tmp_path / "kv/report.csv").read_bytes() == (tmp_path / "flags/report.csv").read_bytes()

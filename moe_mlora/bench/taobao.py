@@ -249,8 +249,8 @@ def grid(argv: list[str]) -> None:
                     )
                     runs.append(run)
     note = (
-        f"Data: `python -m moe_mlora.data.generate taobao --themes {generated} --clicks "
-        f"{args.clicks} --users {args.users} --items {args.items} --seed "
+        f"Data: `python -m moe_mlora.data.generate taobao themes={generated} clicks="
+        f"{args.clicks} users={args.users} items={args.items} seed="
         f"{args.generator_seed}` (heterogeneity 0.5). Model {args.model}, at most "
         f"{args.max_epochs} epochs per phase, {args.threads} threads."
     )

@@ -32,7 +32,7 @@ MOVIELENS_NO_ROOT = (
     "data.root is not set: give the folder of MovieLens files, e.g. "
     "data.root=/path/to/ml-1m (users.dat, ratings.dat, movies.dat) or "
     "data.root=/path/to/ml-100k (u.data, u.user, u.item). To make stand-ins in the "
-    "real format: python -m moe_mlora.data.generate movielens --format ml-1m --out DIR"
+    "real format: python -m moe_mlora.data.generate movielens format=ml-1m out=DIR"
 )
 TABLE_NO_PATH = (
     "data.path is not set: give your CSV or parquet file(s), e.g. "

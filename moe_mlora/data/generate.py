@@ -1,7 +1,7 @@
 """Command line: write synthetic stand-ins for datasets we may not redistribute.
 
-    python -m moe_mlora.data.generate movielens --format ml-1m --out data/ml-1m-synth
-    python -m moe_mlora.data.generate taobao --out data/cloudtheme --clicks 1000000
+    python -m moe_mlora.data.generate movielens format=ml-1m out=data/ml-1m-synth
+    python -m moe_mlora.data.generate taobao out=data/cloudtheme clicks=1000000
 
 Each source is one subcommand; to add one, write an ``_add_<source>(subparsers)``
 function that registers its parser with ``set_defaults(run=...)`` and list it in
@@ -14,6 +14,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
+from moe_mlora.cli import key_value_argv
 from moe_mlora.data.synthetic_movielens import FORMATS, generate_movielens
 from moe_mlora.data.synthetic_taobao import generate_taobao
 
@@ -137,7 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m moe_mlora.data.generate",
         description=(
             "Generate synthetic datasets in the exact raw formats the loaders read, for "
-            "tests, demos and benchmarks when the real data is unavailable."
+            "tests, demos and benchmarks when the real data is unavailable. Options are "
+            "given as key=value (out=DIR clicks=100000), like every moe_mlora command, or "
+            "as --key value."
         ),
     )
     subparsers = parser.add_subparsers(dest="source", required=True, metavar="SOURCE")
@@ -149,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (bad sizes or a clashing folder exit with 2)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(key_value_argv(parser, argv))
     try:
         message = args.run(args)
     except (ValueError, FileExistsError) as err:

@@ -38,7 +38,7 @@ FORMAT_FILES = {
     "ml-1m": ("users.dat", "ratings.dat", "movies.dat"),
     "ml-100k": ("u.data", "u.user", "u.item"),
 }
-GENERATE_HINT = "python -m moe_mlora.data.generate movielens --format {fmt} --out DIR"
+GENERATE_HINT = "python -m moe_mlora.data.generate movielens format={fmt} out=DIR"
 
 GENDERS = ("F", "M")
 AGE_GROUPS = ("<18", "18-24", "25-34", "35-44", "45-49", "50-55", "56+")

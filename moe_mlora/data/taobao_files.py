@@ -20,8 +20,8 @@ CLICK_COLUMNS = ("user_id", "item_id", "theme_id")
 PARSE_CHUNK = 100_000  # embedding rows parsed at once
 DATASET_URL = "https://tianchi.aliyun.com/dataset/9716"
 GENERATE_HINT = (
-    "python -m moe_mlora.data.generate taobao --out DIR --themes 30 --users 20000 "
-    "--items 8000 --clicks 1000000"
+    "python -m moe_mlora.data.generate taobao out=DIR themes=30 users=20000 "
+    "items=8000 clicks=1000000"
 )
 
 

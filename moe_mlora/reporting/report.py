@@ -13,11 +13,14 @@ over seeds and writes into OUT (default: <first DIR>/report):
 Means ignore NaN (a domain whose test rows are single-class has no AUC); in report_domains.csv
 n counts the runs that had an AUC. Standard deviations are sample ones (ddof=1): NaN for n=1.
 
+Options are key=value (out=OUT, wandb=offline|online, wandb_project=NAME), like every
+moe_mlora command; --out OUT and the other flags below work too.
+
 examples:
   python -m moe_mlora.report multirun/2026-11-24/10-00-00
-  python -m moe_mlora.report multirun/2026-11-24/* outputs --out reports/nov24
-  python -m moe_mlora.report multirun/2026-11-24/10-00-00 --wandb           # offline W&B run
-  python -m moe_mlora.report multirun/2026-11-24/10-00-00 --wandb online --wandb-project x
+  python -m moe_mlora.report multirun/2026-11-24/* outputs out=reports/nov24
+  python -m moe_mlora.report multirun/2026-11-24/10-00-00 wandb=offline     # offline W&B run
+  python -m moe_mlora.report multirun/2026-11-24/10-00-00 wandb=online wandb_project=x
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from typing import Any
 
 import polars as pl
 
+from moe_mlora.cli import key_value_argv
 from moe_mlora.pipeline.schema import RecordError, RunRecord
 from moe_mlora.reporting.markdown import PRINTED_HEADERS, group_cells, markdown_report, text_table
 from moe_mlora.reporting.plots import write_plots
@@ -231,7 +235,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "put it after the DIRs",
     )
     parser.add_argument("--wandb-project", default="moe_mlora", help="W&B project")
-    return parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return parser.parse_args(key_value_argv(parser, argv))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
