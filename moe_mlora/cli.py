@@ -24,14 +24,16 @@ HELP_FLAGS = ("-h", "--help")
 KEY = re.compile(r"[a-z][a-z0-9_-]*")
 
 
-def key_value_argv(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[str]:
+def key_value_argv(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> list[str]:
     """``key=value`` tokens as the parser's ``--key value``; other tokens pass unchanged.
 
     A token is translated when ``--key`` (``_`` read as ``-``) is an option of the parser or
     of the subcommand named in ``argv``, so positional folders (even ones with ``=`` in their
     names, as sweep jobs have) are left alone. A flag that takes no value reads
-    ``key=true`` (given) or ``key=false`` (left out).
+    ``key=true`` (given) or ``key=false`` (left out); an option that takes several values
+    reads them comma-separated (``models=dcn,wdl``). ``argv`` None: the process's arguments.
     """
+    argv = list(sys.argv[1:] if argv is None else argv)
     options = _options(parser, argv)
     out: list[str] = []
     for token in argv:
@@ -43,6 +45,8 @@ def key_value_argv(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list
             if value.lower() not in ("true", "false"):
                 raise SystemExit(f"{parser.prog}: error: {key} takes true or false, got {value!r}")
             out += [action.option_strings[-1]] if value.lower() == "true" else []
+        elif action.nargs in ("+", "*") or (isinstance(action.nargs, int) and action.nargs > 1):
+            out += [action.option_strings[-1], *(part for part in value.split(",") if part)]
         else:
             out += [action.option_strings[-1], value]
     return out

@@ -114,3 +114,22 @@ def test_generators_take_key_value_arguments_like_every_command(tmp_path, capsys
     with pytest.raises(SystemExit):
         main(["movielens", f"out={tmp_path / 'x'}", "ratings=lots"])
     assert "invalid int value" in capsys.readouterr().err
+
+
+def test_key_value_argv_reads_flags_lists_and_leaves_folders_alone():
+    import argparse
+
+    from moe_mlora.cli import key_value_argv
+
+    parser = argparse.ArgumentParser(prog="demo")
+    parser.add_argument("dirs", nargs="*")
+    parser.add_argument("--models", nargs="+")
+    parser.add_argument("--skip-default-run", action="store_true")
+    parser.add_argument("--threads", type=int)
+    argv = ["runs/data=a,seed=1", "models=dcn,wdl", "skip_default_run=true", "threads=1"]
+    args = parser.parse_args(key_value_argv(parser, argv))
+    assert args.dirs == ["runs/data=a,seed=1"] and args.models == ["dcn", "wdl"]
+    assert args.skip_default_run is True and args.threads == 1
+    assert key_value_argv(parser, ["skip_default_run=false"]) == []
+    with pytest.raises(SystemExit, match="takes true or false"):
+        key_value_argv(parser, ["skip_default_run=yes"])

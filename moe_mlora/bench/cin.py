@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe_mlora.bench.core import DEFAULT_ROOT
+from moe_mlora.cli import key_value_argv
 
 ALLOCATORS = ("default", "tuned")
 BATCH_SIZE = 1024
@@ -74,7 +75,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=7, help="timed rounds per pair (default 7)")
     parser.add_argument("--steps", type=int, default=40, help="training steps a round (default 40)")
     parser.add_argument("--worker", choices=ALLOCATORS, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    return parser.parse_args(key_value_argv(parser, argv))
 
 
 def time_steps(args: argparse.Namespace) -> dict[str, list[float]]:

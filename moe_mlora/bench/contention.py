@@ -25,6 +25,8 @@ import sys
 import tempfile
 import time
 
+from moe_mlora.cli import key_value_argv
+
 PYTHON_LOAD = "while True: pass"
 TORCH_LOAD = (
     "import torch\n"
@@ -101,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
         default="default,threads=2,threads=1",
         help=f"comma-separated, from: {', '.join(VARIANTS)}",
     )
-    args = parser.parse_args(argv)
+    args = parser.parse_args(key_value_argv(parser, argv))
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:

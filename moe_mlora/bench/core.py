@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from moe_mlora.cli import key_value_argv
 from moe_mlora.config import compose
 from moe_mlora.models import AdapterConfig, build_model
 from moe_mlora.training.optim import make_adam
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
         "--skip-default-run", action="store_true", help="do not time the default run"
     )
     parser.add_argument("--steps-only", action="store_true", help="only part 1 (step times)")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(key_value_argv(parser, argv))
     if not args.root.exists():
         parser.error(f"MovieLens folder {args.root} not found; pass --root DIR")
     torch.set_num_threads(args.threads)

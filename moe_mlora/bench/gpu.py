@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from moe_mlora.cli import key_value_argv
+
 CONFIGS = [("base", None), ("moe_mlora", 8)]
 BATCH_SIZES = (1024, 8192)
 
@@ -33,7 +35,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--clicks", type=int, default=1_000_000, help="generated log size")
     parser.add_argument("--max-epochs", type=int, default=3, help="per phase")
     parser.add_argument("--out", type=Path, help="also write the markdown table here")
-    return parser.parse_args(argv)
+    return parser.parse_args(key_value_argv(parser, argv))
 
 
 def overrides(args: argparse.Namespace, method: str, experts: int | None, batch: int, cache: Path):

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from moe_mlora.bench.core import DEFAULT_ROOT
+from moe_mlora.cli import key_value_argv
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_OUTPUT = REPO / "experiments" / "parity.md"
@@ -654,7 +655,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--runs-dir", type=Path, default=None, help="keep our runs' folders here (default: temp)"
     )
-    return parser.parse_args(argv)
+    return parser.parse_args(key_value_argv(parser, argv))
 
 
 def main(argv: list[str] | None = None) -> None:

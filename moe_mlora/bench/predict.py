@@ -19,6 +19,7 @@ import numpy as np
 import polars as pl
 import torch
 
+from moe_mlora.cli import key_value_argv
 from moe_mlora.serving import DOMAIN_FIELD, load_model
 from moe_mlora.serving.predict import predict
 
@@ -29,7 +30,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--unseen", type=float, default=0.01, help="share of unseen user ids")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
-    return parser.parse_args(argv)
+    return parser.parse_args(key_value_argv(parser, argv))
 
 
 def train_small_model(folder: Path) -> Path:

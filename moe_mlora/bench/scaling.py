@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from moe_mlora.bench.core import StepTimer
+from moe_mlora.cli import key_value_argv
 from moe_mlora.data.processed import FieldSpec
 from moe_mlora.models import AdapterConfig, build_model
 from moe_mlora.training.phases import set_trainable
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
         default=Path("experiments"),
         help="folder for scaling.md and scaling.png (default ./experiments)",
     )
-    args = parser.parse_args(argv)
+    args = parser.parse_args(key_value_argv(parser, argv))
     torch.set_num_threads(args.threads)
     print(f"scaling: {len(cases())} configurations, {args.rounds} rounds, {args.domains} domains")
     listed = run(args.domains, args.rounds, args.batches)

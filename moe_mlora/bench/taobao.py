@@ -36,6 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from moe_mlora.cli import key_value_argv
 from moe_mlora.data.cache import default_cache_dir
 
 REPO = Path(__file__).resolve().parents[2]
@@ -91,7 +92,7 @@ def prep(argv: list[str]) -> None:
     parser.add_argument("--themes", type=int, default=30, help="Taobao-N to build (and generate)")
     parser.add_argument("--seed", type=int, default=7, help="generator seed")
     parser.add_argument("--cache-dir", type=Path, default=None, help="default: the cache folder")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(key_value_argv(parser, argv))
     cache = (args.cache_dir or default_cache_dir()) / "bench"
     users = args.users or max(100, args.clicks // 20)
     items = args.items or max(100, args.clicks // 50)
@@ -230,7 +231,7 @@ def grid(argv: list[str]) -> None:
         "--out", type=Path, default=REPO / "experiments" / "taobao.md", help="markdown table"
     )
     parser.add_argument("--runs-dir", type=Path, default=None, help="run folders (default: temp)")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(key_value_argv(parser, argv))
     args.argv = argv
     cache = (args.cache_dir or default_cache_dir()) / "bench"
     generated = max(args.themes)
