@@ -78,9 +78,8 @@ class ExpertRows:
             raise ValueError(f"expert indices must be in [0, {num_experts}), got {int(flat.max())}")
         used = max(int((counts > 0).sum()), 1)
         most = int(counts.max()) if pairs else 0
-        if (
-            pairs and num_experts * most <= PADDING_ALLOWED * pairs
-        ):  # one tile per expert: no gathers
+        if pairs and num_experts * most <= PADDING_ALLOWED * pairs:
+            # one tile per expert: the stacked weights serve the tiles as they are
             self.tile_rows, tiles = max(most, 1), torch.ones_like(counts)
             self.tile_expert: Tensor | None = None
         else:
