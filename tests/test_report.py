@@ -338,6 +338,17 @@ def test_a_group_mixing_epoch_caps_says_so_in_its_row(tmp_path, capsys):
     assert "5 / 50" in summary
 
 
+def test_a_run_that_did_not_record_its_epoch_cap_makes_no_group_mixed(tmp_path, capsys):
+    write_run(tmp_path, "base", 1, 0.7, (0.7, 0.6), overrides=["trainer.max_epochs=50", "seed=1"])
+    write_run(tmp_path, "base", 2, 0.7, (0.7, 0.6), overrides=["seed=2"])  # cap not recorded
+    write_run(tmp_path, "mlora", 1, 0.7, (0.7, 0.6), overrides=["seed=1"])
+    assert main([str(tmp_path)]) == 0
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "mixed" not in report and "different trainer.max_epochs" not in report
+    rows = pl.read_csv(tmp_path / "report" / "report.csv").select("method", "max_epochs").rows()
+    assert sorted(rows) == [("base", "50"), ("mlora", "?")]
+
+
 def test_foreign_truncated_and_debug_results_are_skipped_and_listed(tmp_path, capsys):
     write_run(tmp_path, "base", 1, 0.7, (0.7, 0.6))
     for name, text in [

@@ -267,17 +267,19 @@ def max_epochs(record: dict) -> int | None:
 
 
 def epoch_caps(runs: Iterable[dict]) -> pl.DataFrame:
-    """Per group, its runs' epoch caps: ``50``, or ``10 / 50`` when a group mixes caps."""
+    """Per group, its runs' epoch caps: ``50``, or ``10 / 50`` when a group mixes caps.
+
+    A run whose results.json records no cap (written before the cap was recorded, with no
+    ``trainer.max_epochs`` override) is unknown, not different: it makes no group mixed,
+    and a group of such runs alone shows ``?``.
+    """
     rows = [{**group_keys(record["run"]), "cap": max_epochs(record)} for record in completed(runs)]
     frame = _frame(rows, {**NAMES, "cap": pl.Int64})
-    return frame.group_by(KEYS).agg(
-        pl.col("cap")
-        .unique()
-        .sort()
-        .cast(pl.String)
-        .fill_null("?")
-        .str.join(" / ")
-        .alias("max_epochs")
+    caps = frame.group_by(KEYS).agg(
+        pl.col("cap").drop_nulls().unique().sort().cast(pl.String).str.join(" / ")
+    )
+    return caps.select(
+        *KEYS, pl.when(pl.col("cap") == "").then(pl.lit("?")).otherwise("cap").alias("max_epochs")
     )
 
 
