@@ -3,12 +3,13 @@
 Exact AUC is the Mann-Whitney U statistic with average ranks (a tie between a positive and a
 negative counts 1/2), computed for every group at once from one lexicographic sort by
 ``(group, score)`` and segment sums; :mod:`moe_mlora.metrics` builds the torchmetrics metric
-on it.
+on it, and the checks of its inputs are at the end of this module.
 """
 
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 from torch import Tensor
@@ -190,3 +191,53 @@ def histogram_auc(positives: Tensor, negatives: Tensor) -> tuple[Tensor, Tensor]
     auc = torch.where(defined, (wins + 0.5 * ties) / safe_pairs, nan)
     error_bound = torch.where(defined, ties / (2 * safe_pairs), nan)
     return auc, error_bound
+
+
+# ----------------------------------------------------------------------------- metric inputs
+
+
+def check_bins(bins: int | None) -> int | None:
+    """``bins`` as an int >= 2 (or ``None``); one bin would make every pair a tie."""
+    if bins is None:
+        return None
+    if isinstance(bins, bool):
+        raise ValueError(f"bins must be an integer >= 2 or None, got {bins!r}")
+    try:
+        value = operator.index(bins)
+    except TypeError:
+        raise ValueError(f"bins must be an integer >= 2 or None, got {bins!r}") from None
+    if value < 2:
+        raise ValueError(f"bins must be >= 2 (one bin makes every pair a tie), got {value}")
+    return value
+
+
+def check_metric_batch(preds: Tensor, target: Tensor, domain: Tensor, num_domains: int) -> None:
+    """Raise ``ValueError`` unless the batch is 1-D probabilities, 0/1 labels and valid ids."""
+    if preds.ndim != 1 or target.ndim != 1 or domain.ndim != 1:
+        raise ValueError(
+            "preds, target and domain must be 1-D (squeeze a trailing dim of size 1), got "
+            f"shapes {tuple(preds.shape)}, {tuple(target.shape)}, {tuple(domain.shape)}"
+        )
+    if not (preds.shape == target.shape == domain.shape):
+        raise ValueError(
+            "preds, target and domain must have the same shape, got "
+            f"{tuple(preds.shape)}, {tuple(target.shape)}, {tuple(domain.shape)}"
+        )
+    if not preds.is_floating_point():
+        raise ValueError(f"preds must be floating-point probabilities, got {preds.dtype}")
+    if domain.is_floating_point() or domain.dtype == torch.bool:
+        raise ValueError(f"domain ids must be integers, got dtype {domain.dtype}")
+    if preds.numel() == 0:
+        return
+    outside = ~((preds >= 0) & (preds <= 1))  # also catches nan
+    if bool(outside.any()):
+        bad = preds[outside][0].item()
+        raise ValueError(f"preds must be probabilities in [0, 1] (apply sigmoid), found {bad}")
+    check_binary_target(target)
+    dmin, dmax = (int(v) for v in domain.aminmax())
+    if dmin < 0 or dmax >= num_domains:
+        bad = dmin if dmin < 0 else dmax
+        raise ValueError(
+            f"domain id {bad} out of range: expected 0..{num_domains - 1} "
+            f"(num_domains={num_domains})"
+        )

@@ -162,7 +162,7 @@ def _taobao_files(data: DictConfig) -> None:
 
 
 def _table_files(data: DictConfig) -> None:
-    from moe_mlora.data.table import resolve_files
+    from moe_mlora.data.table_options import resolve_files
 
     path = data.get("path")
     if not path:

@@ -31,7 +31,6 @@ Design choices, and why:
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -44,7 +43,8 @@ from torchmetrics.utilities.distributed import gather_all_tensors
 
 from moe_mlora.auc import (
     binary_auc,
-    check_binary_target,
+    check_bins,
+    check_metric_batch,
     grouped_auc,
     histogram_auc,
     weighted_auc,
@@ -53,7 +53,6 @@ from moe_mlora.auc import (
 __all__ = [
     "DomainAUC",
     "binary_auc",
-    "format_domain_table",
     "grouped_auc",
     "histogram_auc",
     "weighted_auc",
@@ -65,53 +64,6 @@ LOGLOSS_EPS = 1e-7
 
 #: Domain ids are stored as float32 (see :meth:`DomainAUC._store_rows`), exact below 2^24.
 _MAX_DOMAINS = 2**24
-
-
-def _check_bins(bins: int | None) -> int | None:
-    """``bins`` as an int >= 2 (or ``None``); one bin would make every pair a tie."""
-    if bins is None:
-        return None
-    if isinstance(bins, bool):
-        raise ValueError(f"bins must be an integer >= 2 or None, got {bins!r}")
-    try:
-        value = operator.index(bins)
-    except TypeError:
-        raise ValueError(f"bins must be an integer >= 2 or None, got {bins!r}") from None
-    if value < 2:
-        raise ValueError(f"bins must be >= 2 (one bin makes every pair a tie), got {value}")
-    return value
-
-
-def _check_batch(preds: Tensor, target: Tensor, domain: Tensor, num_domains: int) -> None:
-    """Raise ``ValueError`` unless the batch is 1-D probabilities, 0/1 labels and valid ids."""
-    if preds.ndim != 1 or target.ndim != 1 or domain.ndim != 1:
-        raise ValueError(
-            "preds, target and domain must be 1-D (squeeze a trailing dim of size 1), got "
-            f"shapes {tuple(preds.shape)}, {tuple(target.shape)}, {tuple(domain.shape)}"
-        )
-    if not (preds.shape == target.shape == domain.shape):
-        raise ValueError(
-            "preds, target and domain must have the same shape, got "
-            f"{tuple(preds.shape)}, {tuple(target.shape)}, {tuple(domain.shape)}"
-        )
-    if not preds.is_floating_point():
-        raise ValueError(f"preds must be floating-point probabilities, got {preds.dtype}")
-    if domain.is_floating_point() or domain.dtype == torch.bool:
-        raise ValueError(f"domain ids must be integers, got dtype {domain.dtype}")
-    if preds.numel() == 0:
-        return
-    outside = ~((preds >= 0) & (preds <= 1))  # also catches nan
-    if bool(outside.any()):
-        bad = preds[outside][0].item()
-        raise ValueError(f"preds must be probabilities in [0, 1] (apply sigmoid), found {bad}")
-    check_binary_target(target)
-    dmin, dmax = (int(v) for v in domain.aminmax())
-    if dmin < 0 or dmax >= num_domains:
-        bad = dmin if dmin < 0 else dmax
-        raise ValueError(
-            f"domain id {bad} out of range: expected 0..{num_domains - 1} "
-            f"(num_domains={num_domains})"
-        )
 
 
 def _nanmean(values: Tensor) -> float:
@@ -217,7 +169,7 @@ class DomainAUC(Metric):
             if domain_names is not None
             else tuple(str(d) for d in range(num_domains))
         )
-        self.bins: int | None = _check_bins(bins)
+        self.bins: int | None = check_bins(bins)
         if self.bins is None:
             for name in self._ROW_STATES:
                 self.add_state(name, default=[], dist_reduce_fx="cat")
@@ -236,7 +188,7 @@ class DomainAUC(Metric):
         (including ``nan``; usually logits passed by mistake or a diverged model), labels
         other than 0/1, or domain ids outside ``0..D-1``.
         """
-        _check_batch(preds, target, domain, self.num_domains)
+        check_metric_batch(preds, target, domain, self.num_domains)
         if preds.numel() == 0:
             return
         # float32 scores in both modes, so that the binned mode bins exactly the values the
@@ -433,36 +385,3 @@ class DomainAUC(Metric):
         if len(undefined) == self.num_domains:
             message += " No domain has an AUC, so WAUC is nan."
         rank_zero_warn(message, category=UserWarning)
-
-
-def format_domain_table(result: dict[str, Any], domain_names: Sequence[str] | None = None) -> str:
-    """Render a :meth:`DomainAUC.compute` result as a fixed-width text table for logs.
-
-    One row per domain (name, samples, positive rate, AUC or ``undefined``), then the
-    summary lines (WAUC, mean AUC, overall AUC, log loss). ``domain_names`` defaults to ids.
-    """
-    auc = result["auc_per_domain"].detach().cpu().tolist()
-    count = result["count_per_domain"].detach().cpu().tolist()
-    positives = result["positives_per_domain"].detach().cpu().tolist()
-    names = [str(n) for n in domain_names] if domain_names is not None else None
-    if names is None or len(names) != len(auc):
-        names = [str(d) for d in range(len(auc))]
-
-    summary_labels = (("mean_auc", "mean AUC"), ("auc", "overall AUC"), ("logloss", "logloss"))
-    width = max(len("overall AUC"), *(len(n) for n in names))
-    header = f"{'domain':<{width}}  {'samples':>10}  {'pos_rate':>8}  {'AUC':>9}"
-    lines = [header, "-" * len(header)]
-    for name, a, n, p in zip(names, auc, count, positives, strict=True):
-        rate = f"{p / n:8.4f}" if n else f"{'-':>8}"
-        auc_text = "undefined" if math.isnan(a) else f"{a:9.4f}"
-        lines.append(f"{name:<{width}}  {n:>10d}  {rate}  {auc_text:>9}")
-    lines.append("-" * len(header))
-
-    def _fmt(value: Any) -> str:
-        value = float(value)
-        return "undefined" if math.isnan(value) else f"{value:.4f}"
-
-    lines.append(f"{'WAUC':<{width}}  {sum(count):>10d}  {'':>8}  {_fmt(result['wauc']):>9}")
-    for key, label in summary_labels:
-        lines.append(f"{label:<{width}}  {'':>10}  {'':>8}  {_fmt(result[key]):>9}")
-    return "\n".join(lines)

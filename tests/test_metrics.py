@@ -14,11 +14,11 @@ import torch
 from moe_mlora.metrics import (
     DomainAUC,
     binary_auc,
-    format_domain_table,
     grouped_auc,
     histogram_auc,
     weighted_auc,
 )
+from moe_mlora.reporting.domain_table import format_domain_table
 
 BOUND_KEYS = (
     "auc_error_bound",

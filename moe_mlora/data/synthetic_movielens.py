@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moe_mlora.data.movielens import (
+from moe_mlora.data.movielens_files import (
     AGE_GROUPS,
     ENCODING,
     FORMAT_FILES,

@@ -18,11 +18,11 @@ from moe_mlora.config import ConfigError
 from moe_mlora.data.cache import usable_cache_dir
 from moe_mlora.data.device import place_on_gpu
 from moe_mlora.distributed import barrier, is_global_zero
-from moe_mlora.metrics import format_domain_table
 from moe_mlora.pipeline.build import build_module, quiet_lightning, schedule_spec
 from moe_mlora.pipeline.loggers import build_loggers, finish_wandb
 from moe_mlora.pipeline.results import build_results, summary_table, to_log_files, write_results
 from moe_mlora.pipeline.trainer import check_trainer, trainer_factory
+from moe_mlora.reporting.domain_table import format_domain_table
 from moe_mlora.runfolder import (
     finished_job,
     keep_hydra_record,
