@@ -170,3 +170,49 @@ def test_a_baseline_exports_to_onnx_and_matches(cache_dir, tmp_path):
     codes = torch.as_tensor(served.domain_feature_codes())[domain]
     want = score(served.model, torch.stack([user, item, codes], 1), domain)
     np.testing.assert_allclose(got, np.asarray(want), rtol=1e-4, atol=1e-5)
+
+
+def star_norm(statistics: str, domain: torch.Tensor):
+    """A STAR tower's partitioned normalisation in training mode, and an input for it."""
+    torch.manual_seed(0)
+    net = build_model(
+        "deepfm", FIELDS, NUM_DOMAINS, tower={"kind": "star", "statistics": statistics}, **SMALL
+    )
+    x = torch.randn(
+        len(domain), net.tower.norm.gamma.numel(), generator=torch.Generator().manual_seed(3)
+    )
+    x = x + domain.unsqueeze(1).float()  # domains differ in mean, as real domains do
+    return net.tower.norm.train(), x
+
+
+def test_star_normalises_a_mixed_batch_as_one_batch_per_domain():
+    _, domain, _ = batch()
+    norm, x = star_norm("domain", domain)
+    together = norm(x, domain)
+    for d in range(NUM_DOMAINS):
+        rows = domain == d
+        torch.testing.assert_close(together[rows], norm(x[rows], domain[rows]))
+    whole_batch, _ = star_norm("batch", domain)
+    assert not torch.allclose(whole_batch(x, domain), together, atol=1e-3)
+
+
+def test_star_uses_the_moving_statistics_of_a_domain_with_one_row_in_the_batch():
+    _, domain, _ = batch()
+    norm, x = star_norm("domain", domain)
+    norm.running_mean[4] = 2.0
+    norm.running_var[4] = 4.0
+    keep = torch.cat([torch.nonzero(domain != 4).squeeze(1), torch.tensor([4])])  # one row of 4
+    out = norm(x[keep], domain[keep])
+    expected = (x[4] - 2.0) / torch.sqrt(torch.tensor(4.0) + norm.eps)
+    torch.testing.assert_close(out[-1], expected)
+    assert norm.running_mean[4].eq(2.0).all()  # one row moves no statistics
+
+
+def test_star_statistics_none_leaves_the_input_unnormalised_and_unknown_values_are_refused():
+    _, domain, _ = batch()
+    norm, x = star_norm("none", domain)
+    torch.testing.assert_close(norm(x, domain), x)
+    with pytest.raises(ValueError, match="statistics must be one of"):
+        build_model(
+            "deepfm", FIELDS, NUM_DOMAINS, tower={"kind": "star", "statistics": "x"}, **SMALL
+        )

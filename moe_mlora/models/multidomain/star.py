@@ -2,8 +2,9 @@
 Multi-Domain CTR Prediction", CIKM 2021).
 
 * **Partitioned normalization** of the tower input: ``(gamma * gamma_d) x_hat + (beta +
-  beta_d)``; ``x_hat`` uses the batch's statistics in training and domain ``d``'s moving
-  averages in evaluation.
+  beta_d)``; ``x_hat`` uses domain ``d``'s statistics: within the batch in training (the
+  paper's batches hold one domain each; ours mix them, see :class:`PartitionedNorm`) and
+  its moving averages in evaluation.
 * **Star-topology FCN**: every layer's weight is the shared weight times (elementwise) the
   domain's, its bias the sum: ``W = W_shared * W_d``, ``b = b_shared + b_d``. The domain
   weights start at 1 and their biases at 0, so training starts from the shared network.
@@ -11,7 +12,7 @@ Multi-Domain CTR Prediction", CIKM 2021).
   output is added to the backbone's logit (``logit_offset``).
 
 Defaults: the backbone's hidden units and dropout for the FCN, a 2-layer auxiliary MLP
-(domain embedding 8, hidden 32), normalization momentum 0.1.
+(domain embedding 8, hidden 32), normalization momentum 0.1 and per-domain statistics.
 """
 
 from __future__ import annotations
@@ -25,13 +26,36 @@ from torch import Tensor, nn
 from moe_mlora.models.layers import Dropout
 from moe_mlora.models.multidomain.base import DomainGroups, MultiDomainTower, linear_init
 
+#: Where partitioned normalisation takes its training statistics from (``tower.statistics``).
+STATISTICS = ("domain", "batch", "none")
+
 
 class PartitionedNorm(nn.Module):
-    """BatchNorm whose scale and shift are shared x per-domain, with per-domain moving stats."""
+    """BatchNorm whose scale and shift are shared x per-domain, with per-domain moving stats.
 
-    def __init__(self, num_domains: int, width: int, momentum: float = 0.1, eps: float = 1e-5):
+    STAR trains on batches of one domain each, so its batch statistics are that domain's,
+    the same population as the domain's moving averages used in evaluation. Our batches
+    mix domains; ``statistics="domain"`` (the default) keeps the paper's meaning by
+    normalising each row with its own domain's statistics within the batch, so that a
+    mixed batch gives exactly what one batch per domain would. A domain with fewer than two
+    rows in the batch has no variance there and uses its moving averages. ``"batch"``
+    normalises every row with the whole mixed batch's statistics in training (the first
+    version here, which evaluates on different statistics than it trains on); ``"none"``
+    skips the normalisation and keeps only the affine part.
+    """
+
+    def __init__(
+        self,
+        num_domains: int,
+        width: int,
+        momentum: float = 0.1,
+        eps: float = 1e-5,
+        statistics: str = "domain",
+    ):
         super().__init__()
-        self.momentum, self.eps = momentum, eps
+        if statistics not in STATISTICS:
+            raise ValueError(f"statistics must be one of {list(STATISTICS)}, got {statistics!r}")
+        self.momentum, self.eps, self.statistics = momentum, eps, statistics
         self.gamma = nn.Parameter(torch.ones(width))
         self.beta = nn.Parameter(torch.zeros(width))
         self.domain_gamma = nn.Parameter(torch.ones(num_domains, width))
@@ -40,27 +64,38 @@ class PartitionedNorm(nn.Module):
         self.register_buffer("running_var", torch.ones(num_domains, width))
 
     def forward(self, x: Tensor, domain: Tensor) -> Tensor:
-        if self.training:
-            mean, var = x.mean(0), x.var(0, unbiased=False)
-            normalized = (x - mean) / torch.sqrt(var + self.eps)
-            self._update_statistics(x.detach(), domain)
-        else:
+        if self.statistics == "none":
+            normalized = x
+        elif not self.training:
             mean, var = self.running_mean[domain], self.running_var[domain]
+            normalized = (x - mean) / torch.sqrt(var + self.eps)
+        else:
+            counts, domain_mean, domain_var = self._domain_statistics(x, domain)
+            self._update_statistics(counts, domain_mean.detach(), domain_var.detach())
+            if self.statistics == "batch":
+                mean, var = x.mean(0), x.var(0, unbiased=False)
+            else:
+                seen = (counts > 1).unsqueeze(1)
+                mean = torch.where(seen, domain_mean, self.running_mean)[domain]
+                var = torch.where(seen, domain_var, self.running_var)[domain]
             normalized = (x - mean) / torch.sqrt(var + self.eps)
         scale = self.gamma * self.domain_gamma[domain]
         return scale * normalized + self.beta + self.domain_beta[domain]
 
+    def _domain_statistics(self, x: Tensor, domain: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Row counts, means and (biased) variances of each domain's rows in the batch."""
+        domains, width = self.running_mean.shape
+        counts = torch.bincount(domain, minlength=domains)
+        denominator = counts.clamp(min=1).to(x.dtype).unsqueeze(1)
+        mean = x.new_zeros(domains, width).index_add(0, domain, x) / denominator
+        centered = x - mean[domain]
+        var = x.new_zeros(domains, width).index_add(0, domain, centered * centered) / denominator
+        return counts, mean, var
+
     @torch.no_grad()
-    def _update_statistics(self, x: Tensor, domain: Tensor) -> None:
-        """Each domain's moving mean and variance, from its rows of the batch (vectorised)."""
-        domains = len(self.running_mean)
-        counts = torch.bincount(domain, minlength=domains).to(x.dtype).unsqueeze(1)
-        sums = torch.zeros_like(self.running_mean).index_add_(0, domain, x)
-        squares = torch.zeros_like(self.running_mean).index_add_(0, domain, x * x)
-        seen = counts > 1
-        mean = sums / counts.clamp(min=1)
-        var = (squares / counts.clamp(min=1) - mean * mean).clamp(min=0)
-        step = self.momentum * seen.to(x.dtype)
+    def _update_statistics(self, counts: Tensor, mean: Tensor, var: Tensor) -> None:
+        """Move each domain seen with at least two rows towards its batch statistics."""
+        step = self.momentum * (counts > 1).to(mean.dtype).unsqueeze(1)
         self.running_mean.mul_(1 - step).add_(step * mean)
         self.running_var.mul_(1 - step).add_(step * var)
 
@@ -75,10 +110,11 @@ class STAR(MultiDomainTower):
         auxiliary_units: Sequence[int] = (32,),
         domain_embedding_dim: int = 8,
         momentum: float = 0.1,
+        statistics: str = "domain",
     ) -> None:
         super().__init__(num_domains, input_dim)
         dims = [input_dim, *hidden_units]
-        self.norm = PartitionedNorm(num_domains, input_dim, momentum)
+        self.norm = PartitionedNorm(num_domains, input_dim, momentum, statistics=statistics)
         self.shared_weights = nn.ParameterList()
         self.shared_biases = nn.ParameterList()
         self.domain_weights = nn.ParameterList()
