@@ -6,7 +6,9 @@ and adapter without any per-model bookkeeping. What is counted and what is not:
 
 * counted: matrix products (``mm``, ``addmm``, ``bmm``, ``baddbmm``, hence
   every ``nn.Linear``, ``F.linear``, ``matmul`` and ``einsum`` that lowers to
-  them), convolutions and attention kernels, at 2 FLOPs per multiply-add;
+  them, and the grouped GEMM of the per-domain layers, whose formula is
+  registered here), convolutions and attention kernels, at 2 FLOPs per
+  multiply-add;
 * not counted: embedding lookups (gathers), elementwise ops (activations,
   dropout, the FM's squares and sums, softmax, adding a bias outside
   ``addmm``), reductions, ``topk`` and ``scatter``.
@@ -25,7 +27,19 @@ from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
+
+
+@register_flop_formula(torch.ops.aten._grouped_mm)
+def _grouped_mm_flops(a_shape, b_shape, *args, **kwargs) -> int:
+    """``F.grouped_mm``: every row of the jagged operand meets one group's matrix once."""
+    if len(a_shape) == 2 and len(b_shape) == 3:  # [N, K] rows x [G, K, M]: a forward
+        return 2 * a_shape[0] * a_shape[1] * b_shape[2]
+    if len(a_shape) == 3 and len(b_shape) == 3:  # [G, N, K] x [G, K, M]: a batched product
+        return 2 * a_shape[0] * a_shape[1] * a_shape[2] * b_shape[2]
+    if len(a_shape) == 3:  # [G, N, K] x [K, M] jagged in M
+        return 2 * a_shape[1] * a_shape[2] * b_shape[1]
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]  # [M, K] x [K, N], jagged in K
 
 
 def forward_flops(model: nn.Module, *inputs: Tensor) -> int:
