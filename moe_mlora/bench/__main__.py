@@ -9,6 +9,7 @@ BENCHMARKS = {
     "core": "speed and WAUC of base / MLoRA / MoE-MLoRA on MovieLens (moe_mlora.bench.core)",
     "taobao": "Taobao preprocessing at 10M clicks (prep), WAUC grid (moe_mlora.bench.taobao)",
     "parity": "accuracy and speed of every backbone vs DeepCTR-Torch (moe_mlora.bench.parity)",
+    "baselines": "training speed of every method (DeepFM) vs DeepCTR-Torch's DeepFM, MovieLens",
     "predict": "rows/second of python -m moe_mlora.predict on 1M generated rows",
     "gpu": "training samples/s, DeepFM base and MoE-MLoRA E=8, batch 1024/8192, Taobao-20",
     "scaling": "step time vs base as domains and experts grow (MLoRA, phases 2 and 3)",

@@ -1,0 +1,195 @@
+"""Training speed of every method against DeepCTR-Torch's base DeepFM on MovieLens.
+
+``python -m moe_mlora.bench baselines [root=DIR] [methods=...] [splits=...] [seeds=1]``
+
+The multi-domain baselines (Shared-Bottom, MMoE, PLE, STAR, PEPNet) replace DeepFM's DNN tower,
+and base, MLoRA and MoE-MLoRA keep it, so one bar applies to all of them: their training
+throughput against DeepCTR-Torch's plain DeepFM, trained on the same rows with the same
+protocol. The bar is 1.0x (every method at least as fast as the reference library's base
+model). Per seed, DeepCTR's DeepFM runs first and then every method on every split, one after
+the other in this process, so machine noise hits them alike. Training samples/s is counted
+as in ``bench parity`` (training wall clock, validation excluded; MoE-MLoRA: all of its
+phases). The epoch cap (default 3) keeps the benchmark short: throughput, not accuracy, is
+measured here (accuracy: ``experiments/baselines.md``).
+
+Needs the optional extra ``make install-bench`` (deepctr-torch with the venv's torch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from statistics import median
+
+import torch
+
+from moe_mlora.bench.core import DEFAULT_ROOT
+from moe_mlora.bench.parity import (
+    REPO,
+    markdown_table,
+    require_deepctr,
+    run_deepctr,
+    text_table,
+)
+from moe_mlora.cli import key_value_argv
+
+METHODS = ("base", "mlora", "moe_mlora", "shared_bottom", "mmoe", "ple", "star", "pepnet")
+SPLITS = ("gender", "age", "occupation")
+SPEED_TARGET = 1.0  # every method's training samples/s >= this x DeepCTR-Torch's DeepFM
+DEFAULT_OUTPUT = REPO / "experiments" / "baselines_speed.md"
+
+
+@dataclass
+class Speed:
+    """One run's training throughput."""
+
+    method: str  # "deepctr" for DeepCTR-Torch's DeepFM
+    split: str
+    seed: int
+    samples: int
+    seconds: float
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.samples / self.seconds if self.seconds else float("nan")
+
+
+def run_method(method: str, split: str, args: argparse.Namespace, seed: int, out: Path) -> Speed:
+    """One of our runs (DeepFM, ``method``, MovieLens ``split``) and its training throughput."""
+    from moe_mlora.config import compose
+    from moe_mlora.pipeline.runner import train_and_evaluate
+
+    overrides = [
+        f"data=movielens_{split}",
+        f"data.root={args.root}",
+        "model=deepfm",
+        f"method={method}",
+        f"seed={seed}",
+        f"threads={args.threads}",
+        f"trainer.max_epochs={args.max_epochs}",
+        "logger.wandb.enabled=false",
+        "progress=false",
+        "checkpoint=false",
+    ]
+    with contextlib.redirect_stdout(io.StringIO()):
+        results = train_and_evaluate(compose(overrides), out)
+    phases = results["phases"]
+    samples = sum(p["train_samples"] for p in phases)
+    seconds = sum(p["train_wall_seconds"] for p in phases)
+    return Speed(method, split, seed, samples, seconds)
+
+
+def run_reference(data, seed: int, max_epochs: int) -> Speed:
+    """DeepCTR-Torch's DeepFM (the bar), as ``bench parity`` trains it."""
+    record = run_deepctr("deepfm", data, seed, max_epochs)
+    return Speed("deepctr", "gender", seed, record.train_samples, record.train_seconds)
+
+
+def summary_rows(speeds: list[Speed], methods: list[str], splits: list[str]) -> list[list[str]]:
+    """Per method: median samples/s per split and its ratio to DeepCTR's DeepFM, PASS/FAIL."""
+    bar = median(s.samples_per_s for s in speeds if s.method == "deepctr")
+    rows = []
+    for method in methods:
+        cells, passed = [method], True
+        for split in splits:
+            rate = median(s.samples_per_s for s in speeds if (s.method, s.split) == (method, split))
+            ratio = rate / bar
+            passed &= ratio >= SPEED_TARGET
+            cells.append(f"{rate:,.0f} ({ratio:.2f}x)")
+        rows.append([*cells, "PASS" if passed else "FAIL"])
+    return rows
+
+
+def render_markdown(
+    command: str, args: argparse.Namespace, speeds: list[Speed], rows: list[list[str]]
+) -> str:
+    bar = median(s.samples_per_s for s in speeds if s.method == "deepctr")
+    header = ["method", *(f"{split} samples/s (x DeepCTR)" for split in args.splits), "≥ 1.0x"]
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return f"""# Training speed of every method against DeepCTR-Torch's DeepFM
+
+Written on {when} by
+
+```
+{command}
+```
+
+on {platform.machine()}, torch {torch.__version__}, {args.threads} threads, seeds
+{", ".join(map(str, args.seeds))}, at most {args.max_epochs} epochs per run (and per phase),
+MovieLens at `{args.root.name}`, DeepFM with every method's defaults. Figures are medians over
+seeds of training samples per second (training wall clock, validation excluded; MoE-MLoRA
+counts all of its phases). The bar is DeepCTR-Torch 0.3.0's plain DeepFM on the gender
+split: **{bar:,.0f} samples/s**. Runs are interleaved per seed.
+
+{markdown_table(header, rows)}
+
+A method passes when it is at or above {SPEED_TARGET:.1f}x the bar on every split.
+"""
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m moe_mlora.bench baselines",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="MovieLens folder")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1], help="default 1")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--max-epochs", type=int, default=3, help="epoch cap (default 3)")
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="markdown written")
+    return parser.parse_args(key_value_argv(parser, argv))
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    require_deepctr()
+    if not args.root.exists():
+        raise SystemExit(f"moe_mlora.bench baselines: MovieLens folder {args.root} not found")
+    from moe_mlora.data.movielens import prepare_movielens
+    from moe_mlora.pipeline.build import quiet_lightning
+
+    quiet_lightning()
+    command = shlex.join(["python", "-m", "moe_mlora.bench", "baselines", *argv])
+    data = prepare_movielens(args.root, "gender")
+    speeds: list[Speed] = []
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as scratch:
+        for seed in args.seeds:
+            torch.set_num_threads(args.threads)
+            speeds.append(run_reference(data, seed, args.max_epochs))
+            for split in args.splits:
+                for method in args.methods:
+                    folder = Path(scratch) / f"{method}-{split}-s{seed}"
+                    speeds.append(run_method(method, split, args, seed, folder))
+                    torch.set_num_threads(args.threads)
+            done = [s for s in speeds if s.seed == seed]
+            for s in done:
+                print(
+                    f"  seed {seed} {s.method:<14} {s.split:<10} {s.samples_per_s:>9,.0f} "
+                    f"samples/s [{(time.perf_counter() - start) / 60:.1f} min]",
+                    flush=True,
+                )
+    rows = summary_rows(speeds, args.methods, args.splits)
+    header = ["method", *args.splits, "≥ 1.0x"]
+    print(f"\nagainst DeepCTR-Torch's DeepFM ({args.threads} threads):")
+    print(text_table(header, rows))
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(render_markdown(command, args, speeds, rows))
+    print(f"written: {args.output}")
+
+
+if __name__ == "__main__":
+    main()
