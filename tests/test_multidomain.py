@@ -239,3 +239,14 @@ def test_star_statistics_none_leaves_the_input_unnormalised_and_unknown_values_a
         build_model(
             "deepfm", FIELDS, NUM_DOMAINS, tower={"kind": "star", "statistics": "x"}, **SMALL
         )
+
+
+def test_star_global_statistics_train_on_the_batch_and_evaluate_on_its_moving_averages():
+    from moe_mlora.models.multidomain.star import PartitionedNorm
+
+    _, domain, _ = batch()
+    x = torch.randn(len(domain), 6, generator=torch.Generator().manual_seed(4)) + domain[:, None]
+    norm = PartitionedNorm(NUM_DOMAINS, 6, momentum=1.0, statistics="global").train()
+    expected = (x - x.mean(0)) / torch.sqrt(x.var(0, unbiased=False) + norm.eps)
+    torch.testing.assert_close(norm(x, domain), expected)
+    torch.testing.assert_close(norm.eval()(x, domain), expected)  # one set for every domain
