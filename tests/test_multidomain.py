@@ -250,3 +250,21 @@ def test_star_global_statistics_train_on_the_batch_and_evaluate_on_its_moving_av
     expected = (x - x.mean(0)) / torch.sqrt(x.var(0, unbiased=False) + norm.eps)
     torch.testing.assert_close(norm(x, domain), expected)
     torch.testing.assert_close(norm.eval()(x, domain), expected)  # one set for every domain
+
+
+def test_keep_best_restores_the_best_epochs_moving_statistics_with_its_weights():
+    from moe_mlora.training.callbacks import training_state
+    from moe_mlora.training.phases import RunBest
+
+    net = model("star").train()
+    sparse, domain, _ = batch()
+    state = training_state(net)
+    assert any(t is net.tower.norm.running_mean for t in state)
+    best = RunBest()
+    net(sparse, domain)
+    best.update(0.7, net, None)
+    kept = net.tower.norm.running_mean.clone()
+    net(*batch(seed=2)[:2])  # a later, worse epoch moves the statistics on
+    assert not torch.equal(net.tower.norm.running_mean, kept)
+    best.restore(net)
+    assert torch.equal(net.tower.norm.running_mean, kept)

@@ -26,6 +26,27 @@ from moe_mlora.data.batches import ExpertBatches
 log = logging.getLogger("moe_mlora")
 
 
+def persistent_buffers(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The buffers a module saves with its weights (e.g. STAR's moving statistics).
+
+    A model's state is its parameters *and* these: restoring the best epoch's parameters
+    beside the last epoch's moving statistics would evaluate a model that never existed.
+    Non-persistent buffers (pretrained tables, index constants) never change and are left out.
+    """
+    found = []
+    for prefix, child in module.named_modules():
+        for name, buffer in child.named_buffers(recurse=False):
+            if buffer is not None and name not in child._non_persistent_buffers_set:
+                found.append((f"{prefix}.{name}" if prefix else name, buffer))
+    return found
+
+
+def training_state(module: torch.nn.Module) -> list[torch.Tensor]:
+    """What a phase can change: its trainable parameters and the persistent buffers."""
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    return trainable + [buffer for _, buffer in persistent_buffers(module)]
+
+
 def snapshot(parameters: list[torch.Tensor]) -> list[torch.Tensor]:
     return [p.detach().clone() for p in parameters]
 
@@ -43,7 +64,8 @@ def _improved(value: float, best: float, min_delta: float) -> bool:
 class BestWeights(L.Callback):
     """Early stopping on a validation metric (higher is better) that restores the best weights.
 
-    Only trainable parameters are saved: frozen ones cannot change in the phase.
+    Trainable parameters and persistent buffers (moving statistics) are saved: frozen
+    parameters cannot change in the phase.
 
     ``to_beat`` and ``fallback`` make the phase part of a run-wide keep-best: the phase
     counts as improving only above ``to_beat`` (the run's best score so far), and if it
@@ -88,7 +110,7 @@ class BestWeights(L.Callback):
         return self._saved is not None
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._parameters = [p for p in pl_module.parameters() if p.requires_grad]
+        self._parameters = training_state(pl_module)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:

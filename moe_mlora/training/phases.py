@@ -30,6 +30,7 @@ from moe_mlora.training.callbacks import (
     ExpertEarlyStopping,
     ExpertRecord,
     TrainThroughput,
+    persistent_buffers,
 )
 from moe_mlora.training.checkpoints import EpochCheckpoint, RunCheckpoints, restore_rng
 from moe_mlora.training.module import EVALUATION, CTRModule, Phase
@@ -74,7 +75,8 @@ def set_trainable(
 class RunBest:
     """The run's best validation score so far, per metric, and the weights that scored it.
 
-    Only parameters are kept (pretrained tables are constant buffers, possibly large).
+    Parameters and persistent buffers (moving statistics) are kept; pretrained tables are
+    constant non-persistent buffers, possibly large, and are not copied.
     """
 
     score: float = math.nan
@@ -85,14 +87,15 @@ class RunBest:
         if math.isnan(score) or (not math.isnan(self.score) and score <= self.score):
             return
         self.score, self.metrics = score, metrics
-        self.weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+        state = [*model.named_parameters(), *persistent_buffers(model)]
+        self.weights = {n: p.detach().clone() for n, p in state}
 
     def restore(self, model: torch.nn.Module) -> None:
         if self.weights is None:
             return
         with torch.no_grad():
-            for name, parameter in model.named_parameters():
-                parameter.copy_(self.weights[name])
+            for name, tensor in [*model.named_parameters(), *persistent_buffers(model)]:
+                tensor.copy_(self.weights[name])
 
 
 class Schedule:
