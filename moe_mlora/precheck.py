@@ -33,6 +33,50 @@ def precheck(argv: Sequence[str]) -> None:
         sys.exit(2)
 
 
+def sweep_safe_argv(argv: Sequence[str]) -> list[str]:
+    """``-m data=a,b data.root=DIR`` made to work: such keys are passed as ``++data.root=DIR``.
+
+    Hydra composes a sweep's own config from the command line *without* its swept values,
+    so there ``data`` is the default (synthetic) config, which has no ``root``, and the
+    sweep fails ("Key 'root' is not in struct") although every job's data config has the
+    key. A plain ``key=value`` whose key exists in every job but not in that config is
+    given Hydra's ``++`` (set, or add if absent): in the jobs it is the same override. Other
+    command lines are returned unchanged.
+    """
+    argv = list(argv)
+    if not any(token in MULTIRUN_FLAGS for token in argv):
+        return argv
+    tokens = [token for token in argv if token not in MULTIRUN_FLAGS]
+    try:
+        fixed, swept = split_sweeps(tokens)
+    except Exception:  # a syntax error: Hydra's message says where
+        return argv
+    groups = [key for key in swept if "." not in key]
+    plain = [
+        token
+        for token in fixed
+        if not token.startswith(("+", "~")) and token.split("=", 1)[0].split(".")[0] in groups
+    ]
+    if not plain:
+        return argv
+    from hydra import compose, initialize_config_dir
+
+    register_resolvers()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        others = [token for token in fixed if token not in plain]
+        try:
+            sweep_cfg = compose("config", overrides=others)
+        except Exception:  # check_job reports it
+            return argv
+    nowhere = object()
+    absent = {
+        t
+        for t in plain
+        if OmegaConf.select(sweep_cfg, t.split("=", 1)[0], default=nowhere) is nowhere
+    }
+    return [f"++{token}" if token in absent else token for token in argv]
+
+
 def find_problem(argv: list[str]) -> str | None:
     """The first problem of the command line's config (every job of a sweep), or None."""
     if any(token.startswith("-") and token not in MULTIRUN_FLAGS for token in argv):

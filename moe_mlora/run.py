@@ -143,9 +143,10 @@ if __name__ == "__main__":
     # Run the importable module's main, not this __main__ copy: launchers that ship the task
     # function to worker processes (joblib's loky) then pickle it by reference, not by value
     # with every global it reaches (some of which, from torch.distributed, cannot be pickled).
-    from moe_mlora.precheck import precheck
+    from moe_mlora.precheck import precheck, sweep_safe_argv
     from moe_mlora.run import main as importable_main
 
     check_conf_dir()
     precheck(sys.argv[1:])  # mistyped keys, bad values, every sweep job: before Hydra starts
+    sys.argv[1:] = sweep_safe_argv(sys.argv[1:])
     importable_main()

@@ -219,3 +219,16 @@ def test_the_readme_run_commands_compose():
             fixed, swept = split_sweeps(tokens)
             first = [*fixed, *(f"{key}={values[0]}" for key, values in swept.items())]
             hydra_compose("config", overrides=first, return_hydra_config=True)
+
+
+def test_a_key_of_a_swept_group_is_passed_so_that_hydras_sweep_config_accepts_it():
+    from moe_mlora.precheck import sweep_safe_argv
+
+    argv = ["-m", "data=movielens_gender,movielens_age", "data.root=/x", "model=deepfm,dcn"]
+    argv += ["model.embedding_dim=4", "seed=1,2"]
+    # synthetic (the default data) has no root; every model config has embedding_dim
+    assert sweep_safe_argv(argv) == [*argv[:2], "++data.root=/x", *argv[3:]]
+    single = ["data=movielens_gender", "data.root=/x"]
+    assert sweep_safe_argv(single) == single  # no sweep: Hydra composes the job itself
+    recipe = ["-m", "experiment=baselines_movielens", "data.root=/x"]
+    assert sweep_safe_argv(recipe) == recipe  # the recipe's data has the key
