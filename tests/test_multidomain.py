@@ -268,3 +268,19 @@ def test_keep_best_restores_the_best_epochs_moving_statistics_with_its_weights()
     assert not torch.equal(net.tower.norm.running_mean, kept)
     best.restore(net)
     assert torch.equal(net.tower.norm.running_mean, kept)
+
+
+def test_best_weights_from_an_older_checkpoint_restore_the_parameters_it_holds():
+    from moe_mlora.training.callbacks import BestWeights, training_state
+
+    net = model("star")
+    best = BestWeights("val/wauc")
+    best._parameters = training_state(net)
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    older = [torch.zeros_like(p) for p in trainable]  # such a checkpoint: parameters only
+    best.load_state_dict({"best": 0.7, "best_epoch": 1, "best_metrics": None, "epochs": 2,
+                          "wait": 0, "saved": older})  # fmt: skip
+    statistics = net.tower.norm.running_mean.clone()
+    best._restore_saved()
+    assert all(p.eq(0).all() for p in trainable)
+    assert torch.equal(net.tower.norm.running_mean, statistics)

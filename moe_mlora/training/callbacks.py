@@ -133,11 +133,16 @@ class BestWeights(L.Callback):
 
     def _restore_best(self) -> None:
         if self._saved is not None:
-            restore(self._parameters, self._saved)
+            self._restore_saved()
             self.reverted += 1
         elif self.fallback is not None:
             self.fallback()
             self.reverted += 1
+
+    def _restore_saved(self) -> None:
+        # A checkpoint written before buffers were kept holds the parameters only; they
+        # come first in ``_parameters``, and the buffers then stay as they are.
+        restore(self._parameters[: len(self._saved)], self._saved)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._wait >= self.patience:  # resumed from the epoch that decided to stop
@@ -145,7 +150,7 @@ class BestWeights(L.Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._saved is not None:
-            restore(self._parameters, self._saved)
+            self._restore_saved()
         elif self.fallback is not None:
             self.fallback()
 

@@ -95,7 +95,8 @@ class RunBest:
             return
         with torch.no_grad():
             for name, tensor in [*model.named_parameters(), *persistent_buffers(model)]:
-                tensor.copy_(self.weights[name])
+                if name in self.weights:  # older checkpoints kept no buffers
+                    tensor.copy_(self.weights[name])
 
 
 class Schedule:
