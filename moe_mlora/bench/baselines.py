@@ -123,12 +123,12 @@ Written on {when} by
 {command}
 ```
 
-on {platform.machine()}, torch {torch.__version__}, {args.threads} threads, seeds
-{", ".join(map(str, args.seeds))}, at most {args.max_epochs} epochs per run (and per phase),
-MovieLens at `{args.root.name}`, DeepFM with every method's defaults. Figures are medians over
-seeds of training samples per second (training wall clock, validation excluded; MoE-MLoRA
-counts all of its phases). The bar is DeepCTR-Torch 0.3.0's plain DeepFM on the gender
-split: **{bar:,.0f} samples/s**. Runs are interleaved per seed.
+- machine: {platform.machine()}, torch {torch.__version__}, {args.threads} threads;
+- seeds {", ".join(map(str, args.seeds))}, at most {args.max_epochs} epochs per run (and per phase);
+- MovieLens at `{args.root.name}`, DeepFM with every method's defaults;
+- figures: medians over seeds of training samples per second (training wall clock,
+  validation excluded; MoE-MLoRA counts all of its phases), runs interleaved per seed;
+- the bar: DeepCTR-Torch 0.3.0's plain DeepFM on the gender split, **{bar:,.0f} samples/s**.
 
 {markdown_table(header, rows)}
 
