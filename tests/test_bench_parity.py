@@ -151,3 +151,40 @@ def test_parity_end_to_end_on_tiny_movielens(tmp_path, capsys):
     assert len(rows) == 1
     for library in ("deepctr", "ours", "ours-moe"):
         assert f"| {library} | deepfm | 1 |" in text
+
+
+def test_baselines_bench_summary_uses_medians_against_deepctrs_deepfm():
+    from moe_mlora.bench.baselines import Speed, summary_rows
+
+    speeds = [
+        Speed("deepctr", "gender", s, 100 * rate, 100.0) for s, rate in [(1, 40), (2, 50), (3, 60)]
+    ]
+    speeds += [
+        Speed("star", "gender", s, 100 * rate, 100.0) for s, rate in [(1, 45), (2, 55), (3, 99)]
+    ]
+    speeds += [
+        Speed("star", "age", s, 100 * rate, 100.0) for s, rate in [(1, 40), (2, 45), (3, 90)]
+    ]
+    rows = summary_rows(speeds, ["star"], ["gender", "age"])
+    assert rows == [["star", "55 (1.10x)", "45 (0.90x)", "FAIL"]]  # the bar is the median, 50
+
+
+@pytest.mark.skipif(not HAS_DEEPCTR, reason="deepctr-torch not installed (make install-bench)")
+def test_baselines_bench_end_to_end_on_tiny_movielens(tmp_path, capsys):
+    from moe_mlora.bench import baselines
+
+    root = generate_movielens(
+        tmp_path / "ml-100k", "ml-100k", n_users=120, n_items=100, n_ratings=3000, seed=3
+    )
+    output = tmp_path / "speed.md"
+    baselines.main(
+        [f"root={root}", "methods=base,star", "splits=gender", "seeds=1", "threads=1",
+         "max_epochs=1", f"output={output}"]
+    )  # fmt: skip
+    assert "against DeepCTR-Torch's DeepFM" in capsys.readouterr().out
+    text = output.read_text()
+    assert "python -m moe_mlora.bench baselines root=" in text
+    assert [line.split(" |")[0] for line in text.splitlines() if line.startswith("| ")][1:] == [
+        "| base",
+        "| star",
+    ]
