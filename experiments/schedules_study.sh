@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The schedules study (experiments/schedules.md): base, MLoRA and the MoE-MLoRA schedules on
-# generated Taobao-20 (300k clicks) and the real MovieLens-100K, seeds 1-3, then the reports.
+# generated Taobao-10/20/30 (300k clicks) and the real MovieLens-100K, seeds 1-3, then the reports.
 # Usage: experiments/schedules_study.sh STUDY_DIR [ML100K_DIR]   (from the repository root)
-# About 2.5 hours on 2 CPU cores; rerunning skips every run that already has its results.json.
+# About 6 hours on 2 CPU cores; rerunning skips every run that already has its results.json.
 set -euo pipefail
 study=${1:?usage: $0 STUDY_DIR [ML100K_DIR]}
 ml100k=${2:-../shared/data/ml-100k}
@@ -30,10 +30,35 @@ for seed in 1 2 3; do
     taobao_run "mlora_finetune_s$seed" method=mlora method/schedule=mlora_finetune seed=$seed
 done
 
+# Taobao-10 and Taobao-30 (the first 10 / all 30 themes of the same log): base, MLoRA and the
+# warm, paper and reference schedules, seeds 1-3
+other_run() {  # DATA NAME OVERRIDES...: one Taobao-10 or -30 run into runs10/ or runs30/
+    local data=$1 name=$2; shift 2
+    local dir="$study/runs${data#taobao}"
+    [ -f "$dir/$name/results.json" ] && return
+    mkdir -p "$dir"
+    $python -m moe_mlora.run data=$data data.root="$study/taobao300k" threads=2 $quiet \
+        hydra.run.dir="$dir/$name" "$@" > "$dir/$name.log" 2>&1
+}
+for seed in 1 2 3; do
+    for data in taobao10 taobao30; do
+        other_run $data "base_s$seed" method=base seed=$seed
+        other_run $data "mlora_s$seed" method=mlora seed=$seed
+        for schedule in warm paper reference; do
+            other_run $data "${schedule}_s$seed" method=moe_mlora method/schedule=$schedule seed=$seed
+        done
+    done
+done
+
 # MovieLens-100K: gender / age / occupation x DeepFM x MLoRA and MoE-MLoRA (warm), seeds 1-3
 # (2 jobs x 1 thread); the recipe supplies the MovieLens data config that data.root belongs to
 $python -m moe_mlora.run -m experiment=paper_movielens model=deepfm method=mlora,moe_mlora \
     data.root="$ml100k" $quiet hydra/launcher=parallel hydra.sweep.dir="$study/ml100k"
+
+# the paper schedule beside them
+$python -m moe_mlora.run -m experiment=paper_movielens hydra.sweeper.params.model=deepfm \
+    hydra.sweeper.params.method=moe_mlora method=moe_mlora method/schedule=paper \
+    data.root="$ml100k" $quiet hydra.sweep.dir="$study/ml100k_paper"
 
 # experts per domain (k = 2, 4; k = 1 is the run above) for warm, DeepFM
 for split in movielens_gender movielens_age movielens_occupation; do
@@ -43,5 +68,7 @@ for split in movielens_gender movielens_age movielens_occupation; do
 done
 
 $python -m moe_mlora.report "$study/runs" out=experiments/results/schedules/taobao20
-$python -m moe_mlora.report "$study/ml100k" out=experiments/results/schedules/ml100k
+$python -m moe_mlora.report "$study/runs10" out=experiments/results/schedules/taobao10
+$python -m moe_mlora.report "$study/runs30" out=experiments/results/schedules/taobao30
+$python -m moe_mlora.report "$study/ml100k" "$study/ml100k_paper" out=experiments/results/schedules/ml100k
 $python -m moe_mlora.report "$study/ml100k" "$study/ml100k_k" out=experiments/results/schedules/ml100k_experts
