@@ -23,8 +23,10 @@ def write_run(
     experts: int | None = None,
     data: str = "toy",
     overrides: list[str] | None = None,
+    phases: list[dict] | None = None,
 ) -> Path:
-    """A completed run's results.json; other metrics follow from wauc, overheads from experts."""
+    """A completed run's results.json; other metrics follow from wauc, overheads from experts.
+    ``phases``: the run's phase records (a validation WAUC for the report to derive)."""
     folder = root / f"method={method},experts={experts},seed={seed}"
     folder.mkdir(parents=True)
     overhead = 100 * (experts or 0) if method != "base" else 0
@@ -62,6 +64,7 @@ def write_run(
         "flops": {"overhead_pct": 5.0 * (experts or 0)},
         "test": test,
         "wall_time_s": 10.0 + seed,
+        "phases": phases or [],
     }
     (folder / "results.json").write_text(json.dumps(record))  # NaN written as JSON NaN
     return folder
@@ -369,6 +372,25 @@ def test_foreign_truncated_and_debug_results_are_skipped_and_listed(tmp_path, ca
     report = (tmp_path / "report" / "report.md").read_text()
     assert "## Skipped files" in report and "a debug run (debug=fdr)" in report
     assert ",mlora," not in (tmp_path / "report" / "report.csv").read_text()
+
+
+def test_the_validation_choice_follows_validation_not_test(tmp_path):
+    """★ marks the highest validation WAUC of a (data, model), here not the best on test; the
+    tested model's validation WAUC comes from the last kept phase of files without it."""
+    write_run(tmp_path, "base", 1, 0.75, (0.75, 0.75), phases=[{"best_val_wauc": 0.71}])
+    write_run(tmp_path, "mlora", 1, 0.80, (0.8, 0.8), phases=[{"best_val_wauc": 0.70}])
+    not_kept = {"best_val_wauc": 0.90, "kept": False}  # the run's best came back
+    joint = {"best_val_wauc": 0.65, "best_val": {"wauc": 0.72, "mean_auc": 0.7}}
+    write_run(tmp_path, "moe_mlora", 1, 0.78, (0.78, 0.78), experts=2, phases=[joint, not_kept])
+    summary = summarize(load_runs(find_results([tmp_path])))
+    chosen = summary.filter(pl.col("validation_choice"))
+    assert chosen["method"].to_list() == ["moe_mlora"]
+    assert dict(zip(summary["method"], summary["val_wauc"], strict=True)) == pytest.approx(
+        {"base": 0.71, "mlora": 0.70, "moe_mlora": 0.72}
+    )
+    assert main([str(tmp_path), f"out={tmp_path / 'report'}"]) == 0
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "| 0.7200 ★ |" in report and "| 0.7000 |" in report
 
 
 # ------------------------------------------------------------- the typed record

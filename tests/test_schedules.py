@@ -17,6 +17,7 @@ from moe_mlora.data.processed import SplitTensors
 from moe_mlora.models import AdapterConfig, build_model
 from moe_mlora.models.adapters import own_expert_routing
 from moe_mlora.pipeline.runner import train_and_evaluate
+from moe_mlora.pipeline.schema import final_validation
 from moe_mlora.training.callbacks import BestWeights
 from moe_mlora.training.phases import Schedule, set_trainable
 from moe_mlora.training.schedules import (
@@ -271,9 +272,7 @@ def test_keep_best_never_ends_below_the_best_phase(datamodule):
     later phases did (here: a fine-tuning phase at a harmful learning rate)."""
     from test_training import val_wauc
 
-    warm = load_schedule("warm")
-    harmful = PhaseSpec("harmful", "mixture", ("backbone", "experts", "gate"), lr=0.5, best="run")
-    spec = ScheduleSpec("warm_harmful", (*warm.phases, harmful), adapters=("moe",))
+    spec = harmful_warm()
     anchored = anchored_module(datamodule)
     schedule = Schedule(anchored, datamodule, make_trainer_factory(3), spec=spec, patience=2)
     reports = schedule.run()
@@ -281,6 +280,30 @@ def test_keep_best_never_ends_below_the_best_phase(datamodule):
     assert val_wauc(anchored, datamodule) == pytest.approx(best_phase, abs=1e-6)
     assert val_wauc(anchored, datamodule) >= max(r.best_val_wauc for r in reports) - 1e-6
     assert not reports[2].kept  # lr 0.5 wrecks the model: the run's best came back
+
+
+def harmful_warm() -> ScheduleSpec:
+    """warm plus a last run-wide-best phase at a learning rate that wrecks the model."""
+    warm = load_schedule("warm")
+    harmful = PhaseSpec("harmful", "mixture", ("backbone", "experts", "gate"), lr=0.5, best="run")
+    return ScheduleSpec("warm_harmful", (*warm.phases, harmful), adapters=("moe",))
+
+
+@pytest.mark.parametrize("name", ["warm_harmful", "paper", "reference"])
+def test_recorded_validation_is_the_tested_models(datamodule, name):
+    """results.json's ``validation`` (derived from the phases) is the validation WAUC of the
+    model the run ends with: the last phase's best under per-phase best weights (paper), an
+    earlier phase's when the last was not kept (warm_harmful), the run's best (reference)."""
+    from test_training import val_wauc
+
+    spec = harmful_warm() if name == "warm_harmful" else load_schedule(name)
+    module = anchored_module(datamodule)
+    schedule = Schedule(module, datamodule, make_trainer_factory(2), spec=spec, patience=1)
+    phases = [report.to_json() for report in schedule.run()]
+    recorded = final_validation(phases)
+    assert recorded["wauc"] == pytest.approx(val_wauc(module, datamodule), abs=1e-6)
+    if name == "warm_harmful":
+        assert phases[-1]["kept"] is False and recorded["wauc"] != phases[-1]["best_val_wauc"]
 
 
 def anchored_module(dm):

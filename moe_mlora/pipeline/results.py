@@ -16,7 +16,7 @@ from moe_mlora.models.complexity import complexity
 from moe_mlora.models.multidomain import MultiDomainTower
 from moe_mlora.pipeline.build import schedule_spec
 from moe_mlora.pipeline.loggers import log_to_wandb
-from moe_mlora.pipeline.schema import RunInfo, RunRecord
+from moe_mlora.pipeline.schema import RunInfo, RunRecord, final_validation
 from moe_mlora.serving import save_model
 from moe_mlora.sweep import (
     run_fields,
@@ -63,10 +63,11 @@ def plain_backbone(cfg: DictConfig, datamodule) -> torch.nn.Module:
 
 def build_results(cfg, module, datamodule, reports, test, wall_time, output_dir) -> dict:
     """The run's record (results.json, see :class:`RunRecord`): run, data, parameters, flops,
-    phases, test."""
+    phases, the tested model's validation scores, test."""
     counts = module.model.parameter_counts()
     backbone = counts["backbone"]
     overhead = counts["adapter"] + counts["gate"]
+    phases = [report.to_json() for report in reports]
     run = RunInfo(
         **{
             **run_fields(cfg),
@@ -86,7 +87,8 @@ def build_results(cfg, module, datamodule, reports, test, wall_time, output_dir)
             "adapter_overhead_pct": 100.0 * overhead / backbone if backbone else math.nan,
         },
         flops=model_complexity(module, datamodule, cfg),
-        phases=[report.to_json() for report in reports],
+        phases=phases,
+        validation=final_validation(phases),
         test=metrics_to_json(test, datamodule.domain_names),
         wall_time_s=wall_time,
     )
@@ -132,7 +134,9 @@ def summary_table(results: dict, reports: list[PhaseReport]) -> str:
             f"{r.index:<6}{r.kind:<10}{r.epochs:>7}{r.best_val_wauc:>15.4f}"
             f"{r.wall_time_s:>8.1f}s{r.train_samples_per_s:>12,.0f}{kept}"
         )
-    test = results["test"]
+    test, validation = results["test"], results.get("validation") or {}
+    if validation.get("wauc") is not None:
+        lines.append(f"validation (the tested model): WAUC {validation['wauc']:.4f}")
     lines.append(
         f"test: WAUC {test['wauc']:.4f} · mean domain AUC {test['mean_auc']:.4f} · "
         f"AUC {test['auc']:.4f} · log loss {test['logloss']:.4f}"

@@ -45,6 +45,7 @@ def group_cells(row: dict) -> dict[str, str]:
         "method": row["method"],
         "experts": NO_VALUE if row["experts"] is None else str(row["experts"]),
         "WAUC": f"{wauc} ({row['n']})",
+        "val WAUC": _number(row["val_wauc"]) + (" ★" if row["validation_choice"] else ""),
         "Δ WAUC vs base": _number(row["delta_wauc_vs_base"], sign=True),
         "Δ WAUC vs MLoRA (paired)": _paired(row),
         "mean domain AUC": _number(row["mean_auc"]),
@@ -100,6 +101,7 @@ GROUP_HEADERS = [
     "method",
     "experts",
     "WAUC",
+    "val WAUC",
     "Δ WAUC vs base",
     "Δ WAUC vs MLoRA (paired)",
     "mean domain AUC",
@@ -117,6 +119,7 @@ PRINTED_HEADERS = [
     "method",
     "experts",
     "WAUC",
+    "val WAUC",
     "Δ WAUC vs base",
     "% of backbone",
     "wall time/run",
@@ -143,7 +146,9 @@ def markdown_report(
         "Groups are (data, model, method, experts) over seeds. WAUC: mean ± sample std (runs); "
         "Δ WAUC vs base: against the base group of the same data and model; Δ WAUC vs MLoRA "
         "(paired): mean ± std over seeds of the difference with the MLoRA run of the same "
-        "data, model and seed (number of seeds paired); means skip NaN; "
+        "data, model and seed (number of seeds paired); val WAUC: the tested models' "
+        "validation WAUC (mean), ★ marking the highest of each data and model, the method "
+        "that selection on validation data picks; means skip NaN; "
         f"{NO_VALUE}: no value.",
     ]
     parts += [f"> warning: group {line}" for line in mixed_overrides(runs)]

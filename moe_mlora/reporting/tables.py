@@ -24,6 +24,7 @@ RUN_SCHEMA = {
     "adapter_overhead": pl.Int64,
     "wall_time_s": pl.Float64,
     "seed": pl.Int64,
+    "val_wauc": pl.Float64,
 }
 DOMAIN_SCHEMA = {
     **NAMES,
@@ -51,6 +52,8 @@ SUMMARY_COLUMNS = [
     "n",
     "wauc_mean",
     "wauc_std",
+    "val_wauc",
+    "validation_choice",
     *METRICS[1:],
     "delta_wauc_vs_base",
     "delta_wauc_vs_mlora",
@@ -91,6 +94,7 @@ def _run_row(record: dict) -> dict:
         "flops_overhead_pct": flops.get("overhead_pct"),
         "wall_time_s": record.get("wall_time_s"),
         "seed": run.get("seed"),
+        "val_wauc": (record.get("validation") or {}).get("wauc"),
     }
 
 
@@ -111,6 +115,7 @@ def summarize(runs: Iterable[dict]) -> pl.DataFrame:
             pl.col("adapter_overhead").mean().round().cast(pl.Int64),
             *(pl.col(column).mean() for column in OVERHEADS[1:]),
             pl.col("wall_time_s").mean(),
+            pl.col("val_wauc").mean(),
         )
     )
     base = (
@@ -122,7 +127,16 @@ def summarize(runs: Iterable[dict]) -> pl.DataFrame:
     groups = groups.join(base, on=["data", "model"], how="left").with_columns(delta)
     groups = groups.join(paired_vs_mlora(runs), on=KEYS, how="left", nulls_equal=True)
     groups = groups.join(epoch_caps(runs), on=KEYS, how="left", nulls_equal=True)
+    groups = groups.with_columns(validation_choice(groups))
     return _nan_for_missing(_sort_groups(groups).select(SUMMARY_COLUMNS))
+
+
+def validation_choice(groups: pl.DataFrame) -> pl.Expr:
+    """True for the group of each (data, model) with the highest mean validation WAUC: the
+    method (schedule, expert count) that model selection on validation data would pick,
+    whatever the test says. False elsewhere, and where no group has validation scores."""
+    best = pl.col("val_wauc").max().over("data", "model")
+    return (pl.col("val_wauc") == best).fill_null(False).alias("validation_choice")
 
 
 def paired_vs_mlora(runs: Iterable[dict]) -> pl.DataFrame:
