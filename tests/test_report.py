@@ -454,3 +454,30 @@ def test_report_takes_key_value_arguments_like_every_command(tmp_path):
     assert (tmp_path / "kv/report.csv").is_file()
     assert main([str(folder), "--out", str(tmp_path / "flags")]) == 0  # the older form
     assert (tmp_path / "kv/report.csv").read_bytes() == (tmp_path / "flags/report.csv").read_bytes()
+
+
+@pytest.mark.slow
+def test_a_runs_wandb_summary_holds_the_tested_models_validation(tmp_path, monkeypatch):
+    """``selection/val_*`` in the W&B summary are results.json's ``validation``, not the last
+    epoch's validation that the per-epoch series end with."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    from moe_mlora.pipeline.loggers import log_to_wandb
+
+    for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / "wandb-home"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    record = json.loads(
+        (write_run(tmp_path, "base", 1, 0.7, (0.7, 0.6)) / "results.json").read_text()
+    )
+    record["validation"] = {"wauc": 0.71, "logloss": 0.44}
+    logger = WandbLogger(save_dir=str(tmp_path), mode="offline", offline=True, project="test")
+    logger._wandb_init.pop("anonymous", None)  # as build_loggers does
+    try:
+        log_to_wandb([logger], record, list(DOMAINS))
+        summary = logger.experiment.summary
+        assert summary["selection/val_wauc"] == 0.71 and summary["selection/val_logloss"] == 0.44
+        assert summary["test/wauc"] == 0.7
+    finally:
+        logger.experiment.finish()

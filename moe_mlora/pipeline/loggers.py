@@ -123,6 +123,9 @@ def log_to_wandb(loggers: list[Logger], results: dict, domain_names: list[str]) 
     test = results["test"]
     for key in ("wauc", "mean_auc", "auc", "logloss"):
         run.summary[f"test/{key}"] = test[key]
+    # the tested model's validation scores (the per-epoch val/* series ends at the last epoch)
+    for key, value in (results.get("validation") or {}).items():
+        run.summary[f"selection/val_{key}"] = value
     rows = [
         [name, d["samples"], d["positive_rate"], d["auc"]] for name, d in test["per_domain"].items()
     ]
