@@ -89,6 +89,10 @@ $python -m moe_mlora.run -m experiment=paper_movielens hydra.sweeper.params.mode
 $python -m moe_mlora.run -m experiment=paper_movielens hydra.sweeper.params.model=dcn \
     hydra.sweeper.params.method=moe_mlora method=moe_mlora method/schedule=paper \
     data.root="$ml100k" $quiet hydra.sweep.dir="$study/ml100k_dcn_paper"
+# the reference schedule with both backbones
+$python -m moe_mlora.run -m experiment=paper_movielens hydra.sweeper.params.model=deepfm,dcn \
+    hydra.sweeper.params.method=moe_mlora method=moe_mlora method/schedule=reference \
+    data.root="$ml100k" $quiet hydra/launcher=parallel hydra.sweep.dir="$study/ml100k_reference"
 
 # experts per domain (k = 2, 4; k = 1 is the run above) for warm, DeepFM
 for split in movielens_gender movielens_age movielens_occupation; do
