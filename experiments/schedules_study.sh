@@ -90,7 +90,7 @@ $python -m moe_mlora.run -m experiment=paper_movielens hydra.sweeper.params.mode
     hydra.sweeper.params.method=moe_mlora method=moe_mlora method/schedule=paper \
     data.root="$ml100k" $quiet hydra.sweep.dir="$study/ml100k_dcn_paper"
 # the reference schedule with both backbones
-$python -m moe_mlora.run -m experiment=paper_movielens hydra.sweeper.params.model=deepfm,dcn \
+$python -m moe_mlora.run -m experiment=paper_movielens 'hydra.sweeper.params.model="deepfm,dcn"' \
     hydra.sweeper.params.method=moe_mlora method=moe_mlora method/schedule=reference \
     data.root="$ml100k" $quiet hydra/launcher=parallel hydra.sweep.dir="$study/ml100k_reference"
 
