@@ -7,7 +7,7 @@
 # About 9 hours on 2 CPU cores; rerunning skips every run that already has its results.json.
 set -euo pipefail
 study=${1:?usage: $0 STUDY_DIR [ML100K_DIR]}
-ml100k=${2:-../shared/data/ml-100k}
+ml100k=${2:-${MOE_MLORA_ML100K:-data/ml-100k}}
 python=${PYTHON:-.venv/bin/python}
 quiet="logger.wandb.enabled=false progress=false checkpoint=false"
 

@@ -26,9 +26,17 @@ def ml100k_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def real_ml100k_root() -> Path:
-    """The real MovieLens-100K (never copied into the repo); skips the test when absent."""
-    default = Path(__file__).resolve().parents[2] / "shared/data/ml-100k"
-    root = Path(os.environ.get("MOE_MLORA_ML100K", default))
-    if not (root / "u.data").is_file():
-        pytest.skip(f"real MovieLens-100K not found at {root}; set MOE_MLORA_ML100K")
-    return root
+    """The real MovieLens-100K (never copied into the repo); skips the test when absent.
+
+    Looked for at ``$MOE_MLORA_ML100K``, else ``data/ml-100k`` in the checkout, else a
+    ``shared/data/ml-100k`` beside the checkout (the layout of the project's CI machines).
+    """
+    repo = Path(__file__).resolve().parents[1]
+    candidates = [repo / "data/ml-100k", repo.parent / "shared/data/ml-100k"]
+    if "MOE_MLORA_ML100K" in os.environ:
+        candidates = [Path(os.environ["MOE_MLORA_ML100K"])]
+    for root in candidates:
+        if (root / "u.data").is_file():
+            return root
+    looked = ", ".join(str(root) for root in candidates)
+    pytest.skip(f"real MovieLens-100K not found at {looked}; set MOE_MLORA_ML100K to its folder")

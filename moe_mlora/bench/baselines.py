@@ -32,7 +32,7 @@ from statistics import median
 
 import torch
 
-from moe_mlora.bench.core import DEFAULT_ROOT
+from moe_mlora.bench.core import DEFAULT_ROOT, ROOT_HINT
 from moe_mlora.bench.parity import (
     REPO,
     markdown_table,
@@ -157,7 +157,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     require_deepctr()
     if not args.root.exists():
-        raise SystemExit(f"moe_mlora.bench baselines: MovieLens folder {args.root} not found")
+        raise SystemExit(
+            f"moe_mlora.bench baselines: MovieLens folder {args.root} not found; {ROOT_HINT}"
+        )
     from moe_mlora.data.movielens import prepare_movielens
     from moe_mlora.pipeline.build import quiet_lightning
 

@@ -7,7 +7,7 @@ same initial weights), each inside our xDeepFM, in a plain training loop
 interleaved so machine noise hits both alike. Each allocator mode runs in its
 own process, because ``allocator=tuned`` cannot be undone in a process::
 
-    python -m moe_mlora.bench cin                       # ../shared/data/ml-100k, 2 threads
+    python -m moe_mlora.bench cin             # $MOE_MLORA_ML100K or data/ml-100k, 2 threads
     python -m moe_mlora.bench cin --rounds 3 --steps 10
 
 Prints the median and fastest milliseconds per step and samples/second for
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moe_mlora.bench.core import DEFAULT_ROOT
+from moe_mlora.bench.core import DEFAULT_ROOT, ROOT_HINT
 from moe_mlora.cli import key_value_argv
 
 ALLOCATORS = ("default", "tuned")
@@ -137,7 +137,9 @@ def main(argv: list[str]) -> None:
         worker(args)
         return
     if not (args.root / "u.data").is_file():
-        raise SystemExit(f"moe_mlora.bench cin: MovieLens-100K not found at {args.root}")
+        raise SystemExit(
+            f"moe_mlora.bench cin: MovieLens-100K not found at {args.root}; {ROOT_HINT}"
+        )
     rows = []
     for allocator in ALLOCATORS:
         command = [sys.executable, "-m", "moe_mlora.bench", "cin", *argv, "--worker", allocator]

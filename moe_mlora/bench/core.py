@@ -15,6 +15,7 @@ Prints, for DeepFM on MovieLens (gender split, seed 123):
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -29,7 +30,9 @@ from moe_mlora.config import compose
 from moe_mlora.models import AdapterConfig, build_model
 from moe_mlora.training.optim import make_adam
 
-DEFAULT_ROOT = Path(__file__).resolve().parents[3] / "shared" / "data" / "ml-100k"
+# Where the benchmarks look for MovieLens-100K unless given --root/root=.
+DEFAULT_ROOT = Path(os.environ.get("MOE_MLORA_ML100K", "data/ml-100k"))
+ROOT_HINT = "pass --root DIR or set MOE_MLORA_ML100K"
 
 
 class StepTimer:
@@ -150,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps-only", action="store_true", help="only part 1 (step times)")
     args = parser.parse_args(key_value_argv(parser, argv))
     if not args.root.exists():
-        parser.error(f"MovieLens folder {args.root} not found; pass --root DIR")
+        parser.error(f"MovieLens folder {args.root} not found; {ROOT_HINT}")
     torch.set_num_threads(args.threads)
 
     from moe_mlora.pipeline.build import quiet_lightning

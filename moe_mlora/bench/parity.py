@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moe_mlora.bench.core import DEFAULT_ROOT
+from moe_mlora.bench.core import DEFAULT_ROOT, ROOT_HINT
 from moe_mlora.cli import key_value_argv
 
 REPO = Path(__file__).resolve().parents[2]
@@ -663,7 +663,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     require_deepctr()
     if not args.root.exists():
-        raise SystemExit(f"moe_mlora.bench parity: MovieLens folder {args.root} not found")
+        raise SystemExit(
+            f"moe_mlora.bench parity: MovieLens folder {args.root} not found; {ROOT_HINT}"
+        )
     command = shlex.join(["python", "-m", "moe_mlora.bench", "parity", *argv])
     torch.set_num_threads(args.threads)
     from moe_mlora.allocator import configure_allocator
