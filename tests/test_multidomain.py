@@ -100,8 +100,18 @@ def test_domain_groups_apply_each_rows_own_weights():
     torch.testing.assert_close(got, expected)
 
 
+def per_row_linear(groups: DomainGroups, x, weight, bias):
+    return groups.linear(x, weight, bias)
+
+
+def sorted_once_linear(groups: DomainGroups, x, weight, bias):
+    """The path of a tower that keeps its rows in domain order (STAR)."""
+    return groups.unsort(groups.sorted_linear(groups.sort(x), weight, bias))
+
+
+@pytest.mark.parametrize("apply", [per_row_linear, sorted_once_linear])
 @pytest.mark.parametrize("width", [3, 8])  # 3: the padded block; 8: the grouped GEMM
-def test_domain_groups_products_and_gradients_equal_a_loop_over_rows(width):
+def test_domain_groups_products_and_gradients_equal_a_loop_over_rows(width, apply):
     generator = torch.Generator().manual_seed(5)
     domain = torch.tensor([3, 0, 3, 1, 0, 3, 3, 1, 0, 3])  # domain 2 has no rows
     x = torch.randn(10, width, generator=generator, requires_grad=True)
@@ -109,7 +119,7 @@ def test_domain_groups_products_and_gradients_equal_a_loop_over_rows(width):
     bias = torch.randn(4, 12, generator=generator, requires_grad=True)
     assert grouped_mm_fits(x, weight) == (width % 4 == 0)
     upstream = torch.randn(10, 12, generator=generator)
-    got = DomainGroups(domain, 4).linear(x, weight, bias)
+    got = apply(DomainGroups(domain, 4), x, weight, bias)
     got_grads = torch.autograd.grad(got, (x, weight, bias), upstream)
     expected = torch.stack([x[i] @ weight[d] + bias[d] for i, d in enumerate(domain.tolist())])
     expected_grads = torch.autograd.grad(expected, (x, weight, bias), upstream)

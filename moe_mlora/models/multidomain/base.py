@@ -25,6 +25,10 @@ small domains that padding multiplies the work (about 20x on Taobao-20), which i
 grouped GEMM is preferred where it runs. A traced or exported graph (TorchScript, ONNX)
 cannot have shapes that depend on the data, so there each row's weights are gathered
 instead (``[B, in, out]``) and multiplied in one ``bmm``.
+
+A tower whose every layer is per-domain (STAR) can keep its rows in domain order from its
+input to its output (:meth:`DomainGroups.sort`, :meth:`DomainGroups.sorted_linear`,
+:meth:`DomainGroups.unsort`) instead of sorting and restoring them around every layer.
 """
 
 from __future__ import annotations
@@ -73,33 +77,77 @@ class DomainGroups:
         self.rows = int(counts.max()) if len(domain) else 0
         self._inverse: Tensor | None = None
         self._offsets: Tensor | None = None
+        self._one_hot: Tensor | None = None
 
     def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         """``x [B, in]`` times its row's domain's ``weight [D, in, out]`` (+ ``bias [D, out]``)."""
         if self.static:  # each row's own weights gathered: more memory, fixed shapes
             out = torch.bmm(x.unsqueeze(1), weight[self.domain]).squeeze(1)
         elif grouped_mm_fits(x, weight):
-            out = self._grouped(x, weight)
+            out = self.unsort(self._grouped(x[self.order], weight))
         else:
             out = self._padded(x, weight)
         return out if bias is None else out + bias[self.domain]
 
-    def _grouped(self, x: Tensor, weight: Tensor) -> Tensor:
-        """One grouped GEMM over the domain-sorted rows, then the batch's order back."""
+    def sort(self, x: Tensor) -> Tensor:
+        """The rows of ``x [B, ...]`` in domain order (unchanged in a traced graph)."""
+        return x if self.static else x[self.order]
+
+    def unsort(self, x: Tensor) -> Tensor:
+        """Rows in domain order (from :meth:`sort`) back in the batch's order."""
+        if self.static:
+            return x
+        if self._inverse is None:
+            self._inverse = torch.argsort(self.order)
+        return x[self._inverse]
+
+    @property
+    def domain_of_sorted(self) -> Tensor:
+        """The domain of each row after :meth:`sort`."""
+        return self.domain if self.static else self.sorted_domain
+
+    def sorted_linear(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        """:meth:`linear` for rows already in domain order; the result stays in that order."""
+        domain = self.domain_of_sorted
+        if self.static:
+            out = torch.bmm(x.unsqueeze(1), weight[domain]).squeeze(1)
+        elif grouped_mm_fits(x, weight):
+            out = self._grouped(x, weight)
+        else:
+            out = self._padded_sorted(x, weight)
+        return out if bias is None else out + self.sorted_rows_of(bias)
+
+    def sorted_rows_of(self, table: Tensor) -> Tensor:
+        """``table [D, k]``'s row of each row's domain, for rows in domain order.
+
+        A product with the rows' one-hot domains rather than ``table[domain]``: the same
+        values, and a backward that is one small GEMM instead of an accumulating scatter
+        (which took ~0.4 ms for a ``[1024, 256]`` gradient on the CPU).
+        """
+        if self.static:
+            return table[self.domain]
+        if self._one_hot is None:
+            self._one_hot = F.one_hot(self.sorted_domain, self.num_domains).to(table.dtype)
+        return self._one_hot @ table
+
+    def _grouped(self, x_sorted: Tensor, weight: Tensor) -> Tensor:
+        """One grouped GEMM over the domain-sorted rows (each domain's run by its weight)."""
         if self._offsets is None:
             self._offsets = self.ends.to(torch.int32)
-            self._inverse = torch.argsort(self.order)
-        product = F.grouped_mm(x[self.order], weight, offs=self._offsets)
-        return product[self._inverse]
+        return F.grouped_mm(x_sorted, weight, offs=self._offsets)
 
     def _padded(self, x: Tensor, weight: Tensor) -> Tensor:
         """Each domain's rows in a block padded to the largest domain's, and one ``bmm``."""
-        padded = x.new_zeros(self.num_domains, self.rows, x.shape[1])
-        padded[self.sorted_domain, self.position] = x[self.order]
-        product = torch.bmm(padded, weight)[self.sorted_domain, self.position]
+        product = self._padded_sorted(x[self.order], weight)
         out = torch.empty_like(product)
         out[self.order] = product
         return out
+
+    def _padded_sorted(self, x_sorted: Tensor, weight: Tensor) -> Tensor:
+        """:meth:`_padded` for rows in domain order, the product in that order."""
+        padded = x_sorted.new_zeros(self.num_domains, self.rows, x_sorted.shape[1])
+        padded[self.sorted_domain, self.position] = x_sorted
+        return torch.bmm(padded, weight)[self.sorted_domain, self.position]
 
 
 def linear_init(weight: Tensor, bias: Tensor | None, fan_in: int) -> None:

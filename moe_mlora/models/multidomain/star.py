@@ -153,8 +153,10 @@ class STAR(MultiDomainTower):
         self.auxiliary = nn.Sequential(*layers, nn.Linear(aux_dims[-1], 1))
 
     def forward(self, x: Tensor, domain: Tensor, expert: Tensor | None = None) -> Tensor:
+        # Every layer is per-domain, so the rows stay in domain order from the normalisation
+        # to the last layer (one sort and one unsort per forward, not one per layer).
         groups = DomainGroups(domain, self.num_domains)
-        x = self.norm(x, domain)
+        x = self.norm(groups.sort(x), groups.domain_of_sorted)
         for shared_w, shared_b, domain_w, domain_b in zip(
             self.shared_weights,
             self.shared_biases,
@@ -163,8 +165,9 @@ class STAR(MultiDomainTower):
             strict=True,
         ):
             weight = shared_w.unsqueeze(0) * domain_w  # [D, in, out]: W_shared * W_d
-            x = self.dropout(torch.relu(groups.linear(x, weight, domain_b) + shared_b))
-        return x
+            bias = shared_b + domain_b  # [D, out]: b_shared + b_d
+            x = self.dropout(torch.relu(groups.sorted_linear(x, weight, bias)))
+        return groups.unsort(x)
 
     def logit_offset(self, x: Tensor, domain: Tensor) -> Tensor:
         """The auxiliary network's logit, added to the backbone's."""
