@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from test_run import tiny
 
 from moe_mlora.config import compose
 from moe_mlora.data.processed import FieldSpec
 from moe_mlora.models import MODELS, build_model
+from moe_mlora.models.complexity import flops_per_sample
 from moe_mlora.models.multidomain import TOWERS, DomainGroups
 from moe_mlora.models.multidomain.base import grouped_mm_fits
 from moe_mlora.pipeline.runner import train_and_evaluate
@@ -153,6 +155,25 @@ def test_each_baseline_completes_a_tiny_run_and_records_itself(method, cache_dir
     else:
         assert flops["base_per_sample"] < flops["per_sample"] and flops["overhead_pct"] > 0
     assert results["test"]["wauc"] > 0.5
+
+
+@pytest.mark.parametrize(
+    ("method", "kind", "widths"), [("mmoe_small", "mmoe", [64]), ("ple_small", "ple", [64, 64])]
+)
+def test_the_small_expert_variants_run_under_their_own_name(
+    method, kind, widths, cache_dir, tmp_path
+):
+    cfg = compose(tiny(cache_dir, f"method={method}"))
+    assert cfg.method.tower.kind == kind and list(cfg.method.tower.expert_units) == widths
+    results = train_and_evaluate(cfg, tmp_path)
+    assert results["run"]["method"] == method and results["schedule"]["name"] == method
+    sparse, domain, _ = batch()
+    flops = {}  # at the default tower widths (256-128-64), against the default variant
+    for name in (method, kind):
+        tower = OmegaConf.to_container(compose([f"method={name}"]).method.tower)
+        net = build_model("deepfm", FIELDS, NUM_DOMAINS, tower=tower).eval()
+        flops[name] = flops_per_sample(net, sparse, domain)
+    assert flops[method] < 0.5 * flops[kind]
 
 
 def test_a_baseline_on_another_backbone_completes_a_tiny_run(cache_dir, tmp_path):

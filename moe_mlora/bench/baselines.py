@@ -42,7 +42,10 @@ from moe_mlora.bench.parity import (
 )
 from moe_mlora.cli import key_value_argv
 
-METHODS = ("base", "mlora", "moe_mlora", "shared_bottom", "mmoe", "ple", "star", "pepnet")
+METHODS = (
+    "base", "mlora", "moe_mlora", "shared_bottom", "mmoe", "ple", "star", "pepnet",
+    "mmoe_small", "ple_small",
+)  # fmt: skip
 SPLITS = ("gender", "age", "occupation")
 SPEED_TARGET = 1.0  # every method's training samples/s >= this x DeepCTR-Torch's DeepFM
 DEFAULT_OUTPUT = REPO / "experiments" / "baselines_speed.md"
