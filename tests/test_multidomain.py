@@ -315,3 +315,35 @@ def test_best_weights_from_an_older_checkpoint_restore_the_parameters_it_holds()
     best._restore_saved()
     assert all(p.eq(0).all() for p in trainable)
     assert torch.equal(net.tower.norm.running_mean, statistics)
+
+
+@pytest.mark.parametrize(("option", "kept"), [("epnet", "ppnet"), ("ppnet", "epnet")])
+def test_a_pepnet_ablation_keeps_only_the_other_part(option, kept):
+    torch.manual_seed(0)
+    tower = {"kind": "pepnet", option: False}
+    net = build_model("deepfm", FIELDS, NUM_DOMAINS, tower=tower, **SMALL)
+    assert getattr(net.tower, option) is None and getattr(net.tower, kept) is not None
+    sparse, domain, label = batch()
+    loss_of(net, sparse, domain, label).backward()
+    missing = [name for name, p in net.named_parameters() if p.grad is None]
+    assert missing == [], f"no gradient reaches {missing}"
+    with torch.no_grad():  # the part left still conditions the output on the domain
+        before = net(sparse, domain)
+        net.tower.domain_embedding.weight[2] += 1.0
+        changed = net(sparse, domain) != before  # EPNet's effect is small at init
+    assert changed[domain == 2].all() and not changed[domain != 2].any()
+
+
+def test_a_pepnet_without_either_part_is_refused():
+    tower = {"kind": "pepnet", "epnet": False, "ppnet": False}
+    with pytest.raises(ValueError, match="needs ppnet, or epnet"):
+        build_model("deepfm", FIELDS, NUM_DOMAINS, tower=tower, **SMALL)
+
+
+@pytest.mark.parametrize(("method", "dropped"), [("ppnet", "epnet"), ("epnet", "ppnet")])
+def test_the_pepnet_ablations_run_under_their_own_name(method, dropped, cache_dir, tmp_path):
+    cfg = compose(tiny(cache_dir, f"method={method}"))
+    assert cfg.method.tower.kind == "pepnet" and cfg.method.tower[dropped] is False
+    results = train_and_evaluate(cfg, tmp_path)
+    assert results["run"]["method"] == method and results["schedule"]["name"] == method
+    assert results["parameters"]["adapter"] > 0

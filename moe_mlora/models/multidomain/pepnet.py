@@ -11,7 +11,9 @@ with Personalized Prior Information", KDD 2023), with the domain as the prior.
 
 The paper's persona prior (user, item, author ids) is the domain here, the prior this task
 has. Defaults: domain embedding 8, gate hidden width 64, the backbone's hidden units and
-dropout for the tower.
+dropout for the tower. ``epnet=False`` or ``ppnet=False`` drops one of the two parts (the
+paper's own ablations; ``method=ppnet`` and ``method=epnet``), to see which one a result
+comes from.
 """
 
 from __future__ import annotations
@@ -51,17 +53,30 @@ class PEPNet(MultiDomainTower):
         embedding_shape: tuple[int, int] = (0, 0),
         domain_embedding_dim: int = 8,
         gate_hidden: int = 64,
+        epnet: bool = True,
+        ppnet: bool = True,
     ) -> None:
         super().__init__(num_domains, input_dim)
         fields, dim = embedding_shape
+        if not (ppnet or (epnet and fields)):
+            raise ValueError(
+                "PEPNet needs ppnet, or epnet with field embeddings: without both it is "
+                "method=base's tower"
+            )
         self.domain_embedding = nn.Embedding(num_domains, domain_embedding_dim)
         self.epnet = (
-            GateNU(domain_embedding_dim + fields * dim, fields, gate_hidden) if fields else None
+            GateNU(domain_embedding_dim + fields * dim, fields, gate_hidden)
+            if epnet and fields
+            else None
         )
         dims = [input_dim, *hidden_units]
         self.layers_ = nn.ModuleList(nn.Linear(i, o) for i, o in itertools.pairwise(dims))
-        self.ppnet = nn.ModuleList(
-            GateNU(domain_embedding_dim + input_dim, o, gate_hidden) for o in dims[1:]
+        self.ppnet = (
+            nn.ModuleList(
+                GateNU(domain_embedding_dim + input_dim, o, gate_hidden) for o in dims[1:]
+            )
+            if ppnet
+            else None
         )
         self.dropout = Dropout(dropout)
         self.output_dim = dims[-1]
@@ -74,6 +89,10 @@ class PEPNet(MultiDomainTower):
         return embeddings * self.epnet(prior).unsqueeze(2)
 
     def forward(self, x: Tensor, domain: Tensor, expert: Tensor | None = None) -> Tensor:
+        if self.ppnet is None:
+            for layer in self.layers_:
+                x = self.dropout(torch.relu(layer(x)))
+            return x
         prior = torch.cat([self.domain_embedding(domain), x.detach()], dim=1)
         for layer, gate in zip(self.layers_, self.ppnet, strict=True):
             x = self.dropout(torch.relu(layer(x)) * gate(prior))
@@ -81,5 +100,10 @@ class PEPNet(MultiDomainTower):
 
     def domain_parameters(self) -> list[nn.Parameter]:
         """The domain embedding and every gate: the parts conditioned on the domain."""
-        gates = [] if self.epnet is None else list(self.epnet.parameters())
-        return [self.domain_embedding.weight, *gates, *self.ppnet.parameters()]
+        gates = [
+            gate
+            for part in (self.epnet, self.ppnet)
+            if part is not None
+            for gate in part.parameters()
+        ]
+        return [self.domain_embedding.weight, *gates]
