@@ -347,3 +347,26 @@ def test_the_pepnet_ablations_run_under_their_own_name(method, dropped, cache_di
     results = train_and_evaluate(cfg, tmp_path)
     assert results["run"]["method"] == method and results["schedule"]["name"] == method
     assert results["parameters"]["adapter"] > 0
+
+
+@pytest.mark.parametrize("scope", ["all", "tower"])
+def test_epnet_scope_says_which_parts_read_the_gated_embeddings(scope):
+    torch.manual_seed(0)
+    tower = {"kind": "pepnet", "ppnet": False, "epnet_scope": scope}
+    net = build_model("dcn", FIELDS, NUM_DOMAINS, tower=tower, **SMALL)
+    seen = {}
+    net.cross.register_forward_pre_hook(lambda _, args: seen.update(cross=args[0]))
+    net.tower.register_forward_pre_hook(lambda _, args: seen.update(tower=args[0]))
+    sparse, domain, _ = batch()
+    with torch.no_grad():
+        net(sparse, domain)
+        raw = net.embeddings(sparse)
+        gated = net.tower.embedding_gate(raw, domain).flatten(1)
+    assert not torch.equal(raw.flatten(1), gated)
+    torch.testing.assert_close(seen["tower"], gated)
+    torch.testing.assert_close(seen["cross"], gated if scope == "all" else raw.flatten(1))
+
+
+def test_an_unknown_epnet_scope_is_refused():
+    with pytest.raises(ValueError, match="epnet_scope must be one of"):
+        build_model("dcn", FIELDS, NUM_DOMAINS, tower={"kind": "pepnet", "epnet_scope": "x"})

@@ -77,10 +77,13 @@ class CTRModel(nn.Module):
     def forward(self, sparse: Tensor, domain: Tensor, expert: Tensor | None = None) -> Tensor:
         """Logits ``[B]`` (no sigmoid). ``expert [B]`` is needed only with routing "expert"."""
         embeddings = self.embeddings(sparse)
+        gated = embeddings
         gate = getattr(self.tower, "embedding_gate", None)  # PEPNet's EPNet
         if gate is not None:
-            embeddings = gate(embeddings, domain)
-        tower_input = self.tower_input(embeddings)
+            gated = gate(embeddings, domain)
+            if getattr(self.tower, "embedding_gate_scope", "all") == "all":
+                embeddings = gated  # every part reads them, not the tower alone
+        tower_input = self.tower_input(gated)
         logits = self.head(sparse, embeddings, self.tower(tower_input, domain, expert))
         offset = getattr(self.tower, "logit_offset", None)  # STAR's auxiliary network
         return logits if offset is None else logits + offset(tower_input, domain)

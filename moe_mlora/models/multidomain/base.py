@@ -9,7 +9,8 @@ and reads ``[B, output_dim]`` back, as with any tower. The contract:
 * ``domain_parameters()``: the per-domain parts (counted apart from the shared backbone in
   results.json; trained with it, as the one-phase ``base`` schedule does);
 * optional ``embedding_gate(embeddings, domain)`` (rescales the field embeddings before the
-  backbone reads them: PEPNet's EPNet) and ``logit_offset(x, domain)`` (added to the
+  backbone reads them: PEPNet's EPNet; with ``embedding_gate_scope = "tower"`` only the
+  tower's input is rescaled) and ``logit_offset(x, domain)`` (added to the
   backbone's logit: STAR's auxiliary network);
 * ``adapter``: a "none" adapter, so routing, experts and the gate read as "no adapter" to
   the schedules (these towers are not adapters and take no routing but "off").

@@ -13,7 +13,9 @@ The paper's persona prior (user, item, author ids) is the domain here, the prior
 has. Defaults: domain embedding 8, gate hidden width 64, the backbone's hidden units and
 dropout for the tower. ``epnet=False`` or ``ppnet=False`` drops one of the two parts (the
 paper's own ablations; ``method=ppnet`` and ``method=epnet``), to see which one a result
-comes from.
+comes from. ``epnet_scope="tower"`` hands the gated embeddings to the tower only, the
+backbone's interaction parts (FM, cross network...) reading the embeddings as they were;
+the paper's ``"all"`` (the default) gates what every part reads.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from moe_mlora.models.layers import Dropout
 from moe_mlora.models.multidomain.base import MultiDomainTower
 
 GATE_SCALE = 2.0  # gamma of the paper's Gate NU
+EPNET_SCOPES = ("all", "tower")
 
 
 class GateNU(nn.Module):
@@ -55,8 +58,12 @@ class PEPNet(MultiDomainTower):
         gate_hidden: int = 64,
         epnet: bool = True,
         ppnet: bool = True,
+        epnet_scope: str = "all",
     ) -> None:
         super().__init__(num_domains, input_dim)
+        if epnet_scope not in EPNET_SCOPES:
+            raise ValueError(f"epnet_scope must be one of {EPNET_SCOPES}, got {epnet_scope!r}")
+        self.embedding_gate_scope = epnet_scope
         fields, dim = embedding_shape
         if not (ppnet or (epnet and fields)):
             raise ValueError(
