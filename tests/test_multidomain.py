@@ -131,6 +131,23 @@ def test_domain_groups_products_and_gradients_equal_a_loop_over_rows(width, appl
     assert got_grads[1][2].eq(0).all()  # the empty domain's weights get no gradient
 
 
+def test_sorting_rows_by_domain_and_back_moves_values_and_gradients_exactly():
+    generator = torch.Generator().manual_seed(3)
+    domain = torch.randint(0, 4, (50,), generator=generator)
+    x = torch.randn(50, 6, generator=generator, requires_grad=True)
+    upstream = torch.randn(50, 6, generator=generator)
+    groups = DomainGroups(domain, 4)
+    ordered = groups.sort(x)
+    assert torch.equal(ordered, x[groups.order]) and torch.equal(groups.unsort(ordered), x)
+    assert torch.equal(groups.domain_of_sorted, domain[groups.order])
+    (got,) = torch.autograd.grad(groups.sort(x), x, upstream)
+    (expected,) = torch.autograd.grad(x[groups.order], x, upstream)  # autograd's own scatter
+    assert torch.equal(got, expected)
+    (got,) = torch.autograd.grad(groups.unsort(x), x, upstream)
+    (expected,) = torch.autograd.grad(x[torch.argsort(groups.order)], x, upstream)
+    assert torch.equal(got, expected)
+
+
 def test_a_multi_domain_tower_refuses_an_adapter():
     with pytest.raises(ValueError, match="takes no adapter"):
         build_model("deepfm", FIELDS, NUM_DOMAINS, {"kind": "mlora"}, tower={"kind": "ple"})
