@@ -10,6 +10,7 @@ from test_run import tiny
 from moe_mlora.config import compose
 from moe_mlora.data.processed import FieldSpec
 from moe_mlora.models import MODELS, build_model
+from moe_mlora.models.adapters import AdapterConfig
 from moe_mlora.models.complexity import flops_per_sample
 from moe_mlora.models.multidomain import TOWERS, DomainGroups
 from moe_mlora.models.multidomain.base import grouped_mm_fits
@@ -387,3 +388,49 @@ def test_epnet_scope_says_which_parts_read_the_gated_embeddings(scope):
 def test_an_unknown_epnet_scope_is_refused():
     with pytest.raises(ValueError, match="epnet_scope must be one of"):
         build_model("dcn", FIELDS, NUM_DOMAINS, tower={"kind": "pepnet", "epnet_scope": "x"})
+
+
+def autograd_nodes(output: torch.Tensor) -> set[str]:
+    """The names of every node in ``output``'s backward graph."""
+    seen, stack = set(), [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return {type(node).__name__ for node in seen}
+
+
+@pytest.mark.parametrize("kind", [*TOWERS, "moe"])
+@pytest.mark.parametrize("backbone", MODELS)
+def test_no_backward_reads_rows_by_fancy_indexing(kind, backbone):
+    """``t[index]``'s backward is an accumulating ``index_put_``: on the CPU its sums change
+    with the thread schedule, so two runs with one seed would differ. Rows are read with
+    ``index_select`` (backward ``index_add_``, in order) or a permutation instead."""
+    torch.manual_seed(0)
+    if kind == "moe":  # MoE-MLoRA's domain gate
+        net = build_model(backbone, FIELDS, NUM_DOMAINS, AdapterConfig("moe", experts=4), **SMALL)
+    else:
+        net = build_model(backbone, FIELDS, NUM_DOMAINS, tower={"kind": kind}, **SMALL)
+    sparse, domain, label = batch()
+    assert "IndexBackward0" not in autograd_nodes(loss_of(net, sparse, domain, label))
+
+
+@pytest.mark.parametrize("kind", ["shared_bottom", "ple"])
+def test_gradients_are_the_same_on_every_pass_with_two_threads(kind):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        net = build_model("deepfm", FIELDS, NUM_DOMAINS, tower={"kind": kind}, dropout=0.0)
+        sparse, domain, label = batch(n=4096)
+        grads = []
+        for _ in range(4):
+            net.zero_grad()
+            loss_of(net, sparse, domain, label).backward()
+            grads.append([p.grad.clone() for p in net.parameters()])
+    finally:
+        torch.set_num_threads(threads)
+    for other in grads[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(grads[0], other, strict=True))

@@ -164,7 +164,8 @@ class Gate(nn.Module):
             weights = top_k_weights(probs, self.top_k)
             if self.anchored:
                 weights = self._anchor(weights, slice(None))
-            return weights[domain], probs[domain]
+            # index_select: its backward (index_add_) is deterministic; weights[domain]'s is not
+            return weights.index_select(0, domain), probs.index_select(0, domain)
         if features is None:
             raise ValueError("this gate (gate.input='domain_features') needs the tower input")
         inputs = torch.cat((self.domain_embedding(domain), features), dim=1)

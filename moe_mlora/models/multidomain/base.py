@@ -50,6 +50,17 @@ from moe_mlora.models.lora import static_shapes
 GROUPED_MM_ALIGNMENT = 16
 
 
+def rows_of(table: Tensor, index: Tensor) -> Tensor:
+    """``table[index]`` (each row's entry of a per-domain table), with a deterministic backward.
+
+    Autograd's backward of ``table[index]`` is an accumulating ``index_put_``, whose sums on
+    the CPU change with the thread schedule when the gradient is large (two runs with the
+    same seed then differ in the last digits). ``index_select``'s backward, ``index_add_``,
+    adds the rows in order, as one thread would, and is several times faster.
+    """
+    return table.index_select(0, index)
+
+
 class _PermuteRows(torch.autograd.Function):
     """``x[order]`` for a permutation ``order``, with ``grad[inverse]`` as its backward.
 
@@ -109,7 +120,7 @@ class DomainGroups:
             out = self.unsort(self._grouped(self.sort(x), weight))
         else:
             out = self._padded(x, weight)
-        return out if bias is None else out + bias[self.domain]
+        return out if bias is None else out + rows_of(bias, self.domain)
 
     def sort(self, x: Tensor) -> Tensor:
         """The rows of ``x [B, ...]`` in domain order (unchanged in a traced graph)."""
@@ -160,9 +171,11 @@ class DomainGroups:
 
     def _padded_sorted(self, x_sorted: Tensor, weight: Tensor) -> Tensor:
         """:meth:`_padded` for rows in domain order, the product in that order."""
-        padded = x_sorted.new_zeros(self.num_domains, self.rows, x_sorted.shape[1])
-        padded[self.sorted_domain, self.position] = x_sorted
-        return torch.bmm(padded, weight)[self.sorted_domain, self.position]
+        slots = self.num_domains * self.rows
+        slot = self.sorted_domain * self.rows + self.position  # each row's row of the block
+        padded = x_sorted.new_zeros(slots, x_sorted.shape[1]).index_copy(0, slot, x_sorted)
+        product = torch.bmm(padded.view(self.num_domains, self.rows, -1), weight)
+        return product.view(slots, -1).index_select(0, slot)
 
 
 def linear_init(weight: Tensor, bias: Tensor | None, fan_in: int) -> None:

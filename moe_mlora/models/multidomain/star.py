@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from moe_mlora.models.layers import Dropout
-from moe_mlora.models.multidomain.base import DomainGroups, MultiDomainTower, linear_init
+from moe_mlora.models.multidomain.base import DomainGroups, MultiDomainTower, linear_init, rows_of
 
 #: Where partitioned normalisation takes its training statistics from (``tower.statistics``).
 STATISTICS = ("domain", "batch", "global", "none")
@@ -78,8 +78,8 @@ class PartitionedNorm(nn.Module):
         else:
             mean, var = self._statistics(x, domain) if self.training else self._moving(domain)
             normalized = (x - mean) / torch.sqrt(var + self.eps)
-        scale = self.gamma * self.domain_gamma[domain]
-        return scale * normalized + self.beta + self.domain_beta[domain]
+        scale = self.gamma * rows_of(self.domain_gamma, domain)
+        return scale * normalized + self.beta + rows_of(self.domain_beta, domain)
 
     def _moving(self, domain: Tensor) -> tuple[Tensor, Tensor]:
         return self.running_mean[domain], self.running_var[domain]
@@ -96,8 +96,8 @@ class PartitionedNorm(nn.Module):
         if self.statistics == "batch":
             return x.mean(0), x.var(0, unbiased=False)
         seen = (counts > 1).unsqueeze(1)
-        mean = torch.where(seen, domain_mean, self.running_mean)[domain]
-        return mean, torch.where(seen, domain_var, self.running_var)[domain]
+        mean = rows_of(torch.where(seen, domain_mean, self.running_mean), domain)
+        return mean, rows_of(torch.where(seen, domain_var, self.running_var), domain)
 
     def _domain_statistics(self, x: Tensor, domain: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Row counts, means and (biased) variances of each domain's rows in the batch."""
@@ -105,7 +105,7 @@ class PartitionedNorm(nn.Module):
         counts = torch.bincount(domain, minlength=domains)
         denominator = counts.clamp(min=1).to(x.dtype).unsqueeze(1)
         mean = x.new_zeros(domains, width).index_add(0, domain, x) / denominator
-        centered = x - mean[domain]
+        centered = x - rows_of(mean, domain)
         var = x.new_zeros(domains, width).index_add(0, domain, centered * centered) / denominator
         return counts, mean, var
 
