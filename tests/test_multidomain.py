@@ -434,3 +434,18 @@ def test_gradients_are_the_same_on_every_pass_with_two_threads(kind):
         torch.set_num_threads(threads)
     for other in grads[1:]:
         assert all(torch.equal(a, b) for a, b in zip(grads[0], other, strict=True))
+
+
+def test_mixing_experts_gives_the_plain_products_values_and_gradients_exactly():
+    from moe_mlora.models.multidomain.mmoe import mix
+
+    generator = torch.Generator().manual_seed(4)
+    weights = torch.softmax(torch.randn(64, 3, generator=generator), -1).requires_grad_()
+    experts = torch.randn(64, 3, 16, generator=generator, requires_grad=True)
+    upstream = torch.randn(64, 16, generator=generator)
+    got = mix(weights, experts)
+    expected = torch.bmm(weights.unsqueeze(1), experts).squeeze(1)
+    assert torch.equal(got, expected)
+    got_grads = torch.autograd.grad(got, (weights, experts), upstream)
+    expected_grads = torch.autograd.grad(expected, (weights, experts), upstream)
+    assert all(torch.equal(g, e) for g, e in zip(got_grads, expected_grads, strict=True))

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from moe_mlora.models.lora import static_shapes
 from moe_mlora.models.multidomain.base import (
     DomainGroups,
     DomainMLP,
@@ -37,9 +38,36 @@ class DomainGates(nn.Module):
         return torch.softmax(groups.linear(x, self.weight, self.bias), dim=-1)
 
 
+class _Mix(torch.autograd.Function):
+    """``bmm(weights [B, 1, K], experts [B, K, h])`` with a cheaper gradient for the experts.
+
+    The experts' gradient is an outer product per row (``weights^T grad``): autograd runs it
+    as a ``bmm`` of B tiny matrices (~0.8 ms for ``[1024, 2, 256]`` on the CPU), where a
+    broadcast multiply computes the same single products, bit for bit, several times faster.
+    The weights' gradient keeps autograd's own ``bmm``.
+    """
+
+    @staticmethod
+    def forward(ctx, weights: Tensor, experts: Tensor) -> Tensor:
+        ctx.save_for_backward(weights, experts)
+        return torch.bmm(weights, experts)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        weights, experts = ctx.saved_tensors
+        grad_weights = grad_experts = None
+        if ctx.needs_input_grad[0]:
+            grad_weights = torch.bmm(grad, experts.transpose(1, 2))
+        if ctx.needs_input_grad[1]:
+            grad_experts = weights.transpose(1, 2) * grad
+        return grad_weights, grad_experts
+
+
 def mix(weights: Tensor, experts: Tensor) -> Tensor:
     """``weights [B, K]`` over ``experts [B, K, h]`` -> ``[B, h]``."""
-    return torch.bmm(weights.unsqueeze(1), experts).squeeze(1)
+    if static_shapes():  # a traced or exported graph: the plain product
+        return torch.bmm(weights.unsqueeze(1), experts).squeeze(1)
+    return _Mix.apply(weights.unsqueeze(1), experts).squeeze(1)
 
 
 class MMoE(MultiDomainTower):
