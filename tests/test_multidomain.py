@@ -13,7 +13,6 @@ from moe_mlora.models import MODELS, build_model
 from moe_mlora.models.adapters import AdapterConfig
 from moe_mlora.models.complexity import flops_per_sample
 from moe_mlora.models.multidomain import TOWERS, DomainGroups
-from moe_mlora.models.multidomain.base import grouped_mm_fits
 from moe_mlora.pipeline.runner import train_and_evaluate
 
 NUM_DOMAINS = 5  # unlike any other first dimension of these towers' parameters
@@ -113,16 +112,19 @@ def sorted_once_linear(groups: DomainGroups, x, weight, bias):
 
 
 @pytest.mark.parametrize("apply", [per_row_linear, sorted_once_linear])
-@pytest.mark.parametrize("width", [3, 8])  # 3: the padded block; 8: the grouped GEMM
-def test_domain_groups_products_and_gradients_equal_a_loop_over_rows(width, apply):
+@pytest.mark.parametrize(
+    ("width", "out", "path"), [(8, 12, "grouped"), (3, 12, "dense"), (3, 33, "padded")]
+)
+def test_domain_groups_products_and_gradients_equal_a_loop_over_rows(width, out, path, apply):
     generator = torch.Generator().manual_seed(5)
     domain = torch.tensor([3, 0, 3, 1, 0, 3, 3, 1, 0, 3])  # domain 2 has no rows
     x = torch.randn(10, width, generator=generator, requires_grad=True)
-    weight = torch.randn(4, width, 12, generator=generator, requires_grad=True)
-    bias = torch.randn(4, 12, generator=generator, requires_grad=True)
-    assert grouped_mm_fits(x, weight) == (width % 4 == 0)
-    upstream = torch.randn(10, 12, generator=generator)
-    got = apply(DomainGroups(domain, 4), x, weight, bias)
+    weight = torch.randn(4, width, out, generator=generator, requires_grad=True)
+    bias = torch.randn(4, out, generator=generator, requires_grad=True)
+    groups = DomainGroups(domain, 4)
+    assert groups.product_path(x, weight) == path
+    upstream = torch.randn(10, out, generator=generator)
+    got = apply(groups, x, weight, bias)
     got_grads = torch.autograd.grad(got, (x, weight, bias), upstream)
     expected = torch.stack([x[i] @ weight[d] + bias[d] for i, d in enumerate(domain.tolist())])
     expected_grads = torch.autograd.grad(expected, (x, weight, bias), upstream)

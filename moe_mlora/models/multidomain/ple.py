@@ -56,12 +56,12 @@ class CGCLevel(nn.Module):
         shared = torch.relu(self.shared_experts(shared_in))  # [B, S, w]
         own = torch.relu(groups.linear(domain_in, self.domain_weight, self.domain_bias))
         own = own.view(-1, self.specific, self.width)  # [B, P, w]
-        domain_out = self.dropout(mix(self.gates(domain_in, groups), torch.cat([shared, own], 1)))
+        experts = torch.cat([shared, own], 1)  # [B, S + P, w]
+        domain_out = self.dropout(mix(self.gates(domain_in, groups), experts))
         if self.shared_gate is None:
             return domain_out, None
-        shared_experts = torch.cat([shared, own], 1)
         weights = torch.softmax(self.shared_gate(shared_in), dim=-1)
-        return domain_out, self.dropout(mix(weights, shared_experts))
+        return domain_out, self.dropout(mix(weights, experts))
 
     def domain_parameters(self) -> list[nn.Parameter]:
         return [self.domain_weight, self.domain_bias, *self.gates.parameters()]
