@@ -91,6 +91,14 @@ def test_tables_render():
     assert md.count("\n") == 2 and md.startswith("| backbone |")
 
 
+def test_the_baselines_bench_runs_both_libraries_under_a_runs_default_allocator():
+    from moe_mlora.bench import baselines
+    from moe_mlora.config import compose
+
+    assert baselines.parse_args([]).allocator == compose([]).allocator == "tuned"
+    assert baselines.parse_args(["allocator=default"]).allocator == "default"
+
+
 def test_allocator_is_glibc_default_for_both_unless_asked():
     assert parity.parse_args([]).allocator == "default"
     assert parity.parse_args(["--allocator", "tuned"]).allocator == "tuned"
@@ -186,6 +194,7 @@ def test_baselines_bench_end_to_end_on_tiny_movielens(tmp_path, capsys):
     assert "against DeepCTR-Torch's DeepFM" in capsys.readouterr().out
     text = output.read_text()
     assert "python -m moe_mlora.bench baselines root=" in text
+    assert "- allocator: `tuned` for both libraries" in text  # a run's default
     assert [line.split(" |")[0] for line in text.splitlines() if line.startswith("| ")][1:] == [
         "| base",
         "| star",

@@ -13,6 +13,11 @@ as in ``bench parity`` (training wall clock, validation excluded; MoE-MLoRA: all
 phases). The epoch cap (default 3) keeps the benchmark short: throughput, not accuracy, is
 measured here (accuracy: ``experiments/baselines.md``).
 
+``allocator=tuned`` (the default, as in a run) or ``default`` sets glibc's malloc for the
+whole process before the first run, so both libraries train under it. DeepCTR-Torch's
+DeepFM page-faults about 10 times a step under either, so the bar does not depend on it;
+MMoE and PLE with full-width experts do (see ``moe_mlora/allocator.py``).
+
 Needs the optional extra ``make install-bench`` (deepctr-torch with the venv's torch).
 """
 
@@ -33,6 +38,7 @@ from statistics import median
 
 import torch
 
+from moe_mlora.allocator import MODES, configure_allocator
 from moe_mlora.bench.core import DEFAULT_ROOT, ROOT_HINT
 from moe_mlora.bench.parity import (
     REPO,
@@ -80,6 +86,7 @@ def run_method(method: str, split: str, args: argparse.Namespace, seed: int, out
         f"seed={seed}",
         f"threads={args.threads}",
         f"trainer.max_epochs={args.max_epochs}",
+        f"allocator={args.allocator}",
         "logger.wandb.enabled=false",
         "progress=false",
         "checkpoint=false",
@@ -140,6 +147,7 @@ Written on {when} by
 ```
 
 - machine: {platform.machine()}, torch {torch.__version__}, {args.threads} threads;
+- allocator: `{args.allocator}` for both libraries (set once, before the first run);
 - seeds {", ".join(map(str, args.seeds))}, at most {args.max_epochs} epochs per run (and per phase);
 - MovieLens at `{args.root.name}`, DeepFM with every method's defaults;
 - figures: medians over seeds of training samples per second (training wall clock,
@@ -168,6 +176,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seeds", nargs="+", type=int, default=[1], help="default 1")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--max-epochs", type=int, default=3, help="epoch cap (default 3)")
+    parser.add_argument(
+        "--allocator",
+        choices=MODES,
+        default="tuned",
+        help="glibc malloc settings for both libraries (default tuned, as a run's default)",
+    )
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="markdown written")
     return parser.parse_args(key_value_argv(parser, argv))
 
@@ -184,6 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     from moe_mlora.pipeline.build import quiet_lightning
 
     quiet_lightning()
+    configure_allocator(args.allocator)  # before any run: both libraries train under it
     command = shlex.join(["python", "-m", "moe_mlora.bench", "baselines", *argv])
     data = prepare_movielens(args.root, "gender")
     speeds: list[Speed] = []

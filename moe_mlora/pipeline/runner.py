@@ -135,7 +135,7 @@ def _train_and_evaluate(cfg: DictConfig, output_dir: Path) -> dict:
     output_dir.mkdir(parents=True, exist_ok=True)
     set_threads(cfg)
     try:
-        configure_allocator(str(cfg.get("allocator", "default")))
+        configure_allocator(str(cfg.get("allocator", "tuned")))
     except ValueError as error:
         raise ConfigError(str(error)) from None
     L.seed_everything(int(cfg.seed), verbose=False)
