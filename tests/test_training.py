@@ -156,3 +156,32 @@ def test_parallel_phase2_equals_sequential(datamodule, experts):
         for p, q in zip(module.model.expert_tensors(e), twin.model.expert_tensors(e), strict=True):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
     assert parallel.train_samples == sequential.train_samples
+
+
+def test_the_training_loss_is_logged_once_an_epoch_as_its_row_weighted_mean():
+    """The step accumulates; only the epoch's last batch logs (Lightning's ``self.log`` is
+    slow per call), the same row-weighted mean a per-step ``on_epoch`` log gave."""
+    from types import SimpleNamespace
+
+    from moe_mlora.data.processed import FieldSpec
+
+    fields = [FieldSpec("user", 5), FieldSpec("domain", 3)]
+    model = build_model("mlp", fields, 2, AdapterConfig(kind="none"), hidden_units=(4,))
+    module = CTRModule(model, ["a", "b"])
+    progress = SimpleNamespace(is_last_batch=False)
+    module._trainer = SimpleNamespace(fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(
+        batch_progress=progress)))  # fmt: skip
+    logged: list[tuple[str, float, dict]] = []
+    module.log = lambda name, value, **kwargs: logged.append((name, float(value), kwargs))
+    module.on_train_epoch_start()
+    module._add_to_epoch_mean("phase1/train/loss", torch.tensor(1.0), 10)
+    module._log_epoch_means_after_the_last_batch()
+    assert logged == []  # not the last batch
+    module._add_to_epoch_mean("phase1/train/loss", torch.tensor(4.0), 30)
+    progress.is_last_batch = True
+    module._log_epoch_means_after_the_last_batch()
+    [(name, value, kwargs)] = logged
+    assert name == "phase1/train/loss" and value == pytest.approx((10 * 1.0 + 30 * 4.0) / 40)
+    assert kwargs["batch_size"] == 40 and kwargs["on_epoch"] and kwargs["sync_dist"]
+    module.on_train_epoch_end()
+    assert len(logged) == 1  # nothing left over to log twice

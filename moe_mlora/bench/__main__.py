@@ -15,6 +15,7 @@ BENCHMARKS = {
     "scaling": "step time vs base as domains and experts grow (MLoRA, phases 2 and 3)",
     "contention": "the default run idle and beside N busy processes, per thread setting",
     "cin": "xDeepFM step time: our CIN vs a Conv1d CIN, glibc's vs the tuned allocator",
+    "allocator": "page faults and ms per training batch, glibc's malloc vs allocator=tuned",
 }
 
 

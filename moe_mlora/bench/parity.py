@@ -109,11 +109,12 @@ FAIRNESS_NOTES = f"""\
   DeepCTR's *base* model of the same backbone.
 - **Threads.** `torch.set_num_threads(threads)` for both sides, in one process, runs
   interleaved per seed (theirs, then ours) so machine noise hits both alike.
-- **Allocator.** moe_mlora can tune glibc's malloc (`allocator=tuned`, off by default;
+- **Allocator.** moe_mlora tunes glibc's malloc (`allocator=tuned`, a run's default;
   `moe_mlora/allocator.py`: big per-step temporaries stay in the heap instead of fresh
   page-faulted mmaps). The setting is process-wide, so the benchmark applies `--allocator`
-  once, before the first run, to both libraries alike. The default, `--allocator default`,
-  leaves glibc as it is for both, as each library's users run it. `--allocator tuned` runs
+  once, before the first run, to both libraries alike. Its default, `--allocator default`,
+  leaves glibc as it is for both, as DeepCTR-Torch's users run it; our base backbones'
+  steps do not page-fault under either setting, so they lose nothing. `--allocator tuned` runs
   both tuned; that helps DeepCTR-Torch's xDeepFM most (its Conv1d CIN page-faults with
   glibc's defaults: 14.5k -> 19.3k samples/s) and leaves ours about where it was, so
   xDeepFM's ratio drops to 1.48x there; both tables are in `experiments/`."""

@@ -157,6 +157,8 @@ class CTRModule(L.LightningModule):
         self._gate_sum: torch.Tensor | None = None
         self._gate_rows: torch.Tensor | None = None
         self._gate_entropy: torch.Tensor | None = None
+        self._train_sums: dict[str, torch.Tensor] = {}  # this epoch's row-weighted sums
+        self._train_rows: dict[str, int] = {}
 
     # ----------------------------------------------------------------- forward
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -204,16 +206,50 @@ class CTRModule(L.LightningModule):
                 f"non-finite loss {loss.item()} in {self.phase.prefix} ({self.phase.kind}), "
                 f"epoch {self.current_epoch}, step {batch_idx}"
             )
-        self.log(
-            f"{self.phase.prefix}/train/loss",
-            loss,
-            on_step=False,
-            on_epoch=True,
-            prog_bar=True,
-            batch_size=len(batch["label"]),
-            sync_dist=True,  # under DDP, the mean of the processes' shards; else a no-op
-        )
+        self._add_to_epoch_mean(f"{self.phase.prefix}/train/loss", loss, len(batch["label"]))
+        self._log_epoch_means_after_the_last_batch()
         return loss
+
+    def on_train_epoch_start(self) -> None:
+        self._train_sums, self._train_rows = {}, {}
+
+    def _add_to_epoch_mean(self, name: str, value: torch.Tensor, rows: int) -> None:
+        """Accumulate a per-batch training scalar for its epoch's row-weighted mean.
+
+        Lightning's ``self.log`` costs ~1.5 ms a call on the CPU (it moves its result
+        object to the device every time), 10-15% of a base DeepFM step; an add does not.
+        """
+        weighted = value.detach().float() * rows
+        total = self._train_sums.get(name)
+        self._train_sums[name] = weighted if total is None else total + weighted
+        self._train_rows[name] = self._train_rows.get(name, 0) + rows
+
+    def _log_epoch_means_after_the_last_batch(self) -> None:
+        """Log each accumulated scalar once, at the epoch's last batch: the row-weighted mean
+        over the epoch (under DDP over every process's rows), as a per-step ``self.log``
+        with ``on_epoch=True`` gave. With no trainer (a test calling the step), every step.
+        """
+        trainer = self._trainer
+        if trainer is not None and not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            return
+        self._log_epoch_means()
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch_means()  # a loader that could not tell its last batch in advance
+
+    def _log_epoch_means(self) -> None:
+        for name, total in self._train_sums.items():
+            rows = self._train_rows[name]
+            self.log(
+                name,
+                total / rows,
+                on_step=False,
+                on_epoch=True,
+                prog_bar=name.endswith("/train/loss"),
+                batch_size=rows,
+                sync_dist=True,  # under DDP, over every process's rows; else a no-op
+            )
+        self._train_sums, self._train_rows = {}, {}
 
     @staticmethod
     def _experts_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -233,14 +269,7 @@ class CTRModule(L.LightningModule):
         weight, auxiliary = adapter_auxiliary_loss(self.model)
         if weight == 0 or auxiliary is None:
             return 0.0
-        self.log(
-            f"{self.phase.prefix}/train/balance_loss",
-            auxiliary,
-            on_step=False,
-            on_epoch=True,
-            batch_size=batch_size,
-            sync_dist=True,
-        )
+        self._add_to_epoch_mean(f"{self.phase.prefix}/train/balance_loss", auxiliary, batch_size)
         return weight * auxiliary
 
     def on_after_backward(self) -> None:
