@@ -185,3 +185,16 @@ def test_the_training_loss_is_logged_once_an_epoch_as_its_row_weighted_mean():
     assert kwargs["batch_size"] == 40 and kwargs["on_epoch"] and kwargs["sync_dist"]
     module.on_train_epoch_end()
     assert len(logged) == 1  # nothing left over to log twice
+
+
+def test_a_batch_already_on_the_device_is_not_walked_again():
+    from moe_mlora.data.processed import FieldSpec
+
+    fields = [FieldSpec("user", 5), FieldSpec("domain", 3)]
+    model = build_model("mlp", fields, 2, AdapterConfig(kind="none"), hidden_units=(4,))
+    module = CTRModule(model, ["a", "b"])
+    batch = {"sparse": torch.zeros(2, 2, dtype=torch.long), "label": torch.ones(2)}
+    assert module.transfer_batch_to_device(batch, torch.device("cpu"), 0) is batch
+    mixed = {**batch, "note": [1, 2]}  # not only tensors: Lightning's own transfer
+    moved = module.transfer_batch_to_device(mixed, torch.device("cpu"), 0)
+    assert moved is not mixed and moved["note"] == [1, 2]

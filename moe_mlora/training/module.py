@@ -164,6 +164,14 @@ class CTRModule(L.LightningModule):
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model(batch["sparse"], batch["domain"], batch.get("expert"))
 
+    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
+        """A batch whose tensors are already on the device (a CPU run) as it is: Lightning's
+        generic walk over the batch cost ~0.3 ms a step for nothing there."""
+        there = isinstance(batch, dict) and all(
+            isinstance(value, torch.Tensor) and value.device == device for value in batch.values()
+        )
+        return batch if there else super().transfer_batch_to_device(batch, device, dataloader_idx)
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """Adam over the trainable parameters at the phase's learning rate.
 
