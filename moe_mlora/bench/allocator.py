@@ -33,7 +33,7 @@ from pathlib import Path
 import lightning as L
 
 from moe_mlora.allocator import MODES
-from moe_mlora.bench.core import DEFAULT_ROOT, ROOT_HINT
+from moe_mlora.bench.core import DEFAULT_ROOT, require_ml100k
 from moe_mlora.cli import key_value_argv
 
 
@@ -117,10 +117,7 @@ def main(argv: list[str]) -> None:
     if args.worker:
         worker(args)
         return
-    if not (args.root / "u.data").is_file():
-        raise SystemExit(
-            f"moe_mlora.bench allocator: MovieLens-100K not found at {args.root}; {ROOT_HINT}"
-        )
+    require_ml100k(args.root, "allocator")
     print(
         f"{args.method} on MovieLens {args.split}, {args.threads} threads, {args.max_epochs} "
         f"epochs a run, {args.pairs} pairs; per training batch (batch-start to batch-end hook)"

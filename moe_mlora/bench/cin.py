@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moe_mlora.bench.core import DEFAULT_ROOT, ROOT_HINT
+from moe_mlora.bench.core import DEFAULT_ROOT, require_ml100k
 from moe_mlora.cli import key_value_argv
 
 ALLOCATORS = ("default", "tuned")
@@ -136,10 +136,7 @@ def main(argv: list[str]) -> None:
     if args.worker:
         worker(args)
         return
-    if not (args.root / "u.data").is_file():
-        raise SystemExit(
-            f"moe_mlora.bench cin: MovieLens-100K not found at {args.root}; {ROOT_HINT}"
-        )
+    require_ml100k(args.root, "cin")
     rows = []
     for allocator in ALLOCATORS:
         command = [sys.executable, "-m", "moe_mlora.bench", "cin", *argv, "--worker", allocator]

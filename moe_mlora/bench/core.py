@@ -35,6 +35,14 @@ DEFAULT_ROOT = Path(os.environ.get("MOE_MLORA_ML100K", "data/ml-100k"))
 ROOT_HINT = "pass --root DIR or set MOE_MLORA_ML100K"
 
 
+def require_ml100k(root: Path, benchmark: str) -> None:
+    """Stop with one line saying where to point ``benchmark`` when ``root`` lacks ML-100K."""
+    if not (root / "u.data").is_file():
+        raise SystemExit(
+            f"moe_mlora.bench {benchmark}: MovieLens-100K not found at {root}; {ROOT_HINT}"
+        )
+
+
 class StepTimer:
     """One model in one training configuration, timed step by step on fixed batches."""
 
