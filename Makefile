@@ -69,6 +69,14 @@ bench: install
 install-bench: install
 	$(PIP) -c $(VENV)/torch-constraint.txt $(BENCH_PIP_ARGS) -e ".[bench]"
 
+# Wheels of the packages a bare GPU machine lacks (hydra-core, omegaconf, antlr4, polars), at
+# the versions installed here, for experiments/gpu/run_checks.sh on a machine without network.
+# Needs pip to reach the registry here. GPU_PYTHON: the GPU machine's Python (default 3.12).
+GPU_PYTHON ?= 3.12
+.PHONY: gpu-wheels
+gpu-wheels: install
+	$(PY) -m moe_mlora.bench.gpu_wheels build/gpu-wheels --python-version $(GPU_PYTHON)
+
 clean:
 	rm -rf $(VENV) outputs multirun debug .pytest_cache .ruff_cache wandb *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -34,6 +34,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--precision", default="32-true", help="e.g. 32-true, bf16-mixed")
     parser.add_argument("--clicks", type=int, default=1_000_000, help="generated log size")
     parser.add_argument("--max-epochs", type=int, default=3, help="per phase")
+    parser.add_argument(
+        "--batch-sizes",
+        type=int,
+        nargs="+",
+        default=list(BATCH_SIZES),
+        help=f"batch sizes to run (default {' '.join(map(str, BATCH_SIZES))})",
+    )
     parser.add_argument("--out", type=Path, help="also write the markdown table here")
     return parser.parse_args(key_value_argv(parser, argv))
 
@@ -75,16 +82,17 @@ def main(argv: list[str]) -> None:
     if args.accelerator == "gpu" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device here; run on a GPU machine or pass --accelerator cpu")
     cache = default_cache_dir()
+    epochs = f"{args.max_epochs} epoch{'s' if args.max_epochs != 1 else ''}"
     lines = [
         f"DeepFM on generated Taobao-20 ({args.clicks:,} clicks), {device_name(args.accelerator)},"
-        f" precision {args.precision}, {args.max_epochs} epochs per phase",
+        f" precision {args.precision}, {epochs} per phase",
         "",
         "| method | batch | phase | training samples/s | phase wall s | test WAUC |",
         "|---|---|---|---|---|---|",
     ]
     with tempfile.TemporaryDirectory() as scratch:
         for method, experts in CONFIGS:
-            for batch in BATCH_SIZES:
+            for batch in args.batch_sizes:
                 run_dir = Path(scratch) / f"{method}-{batch}"
                 cfg = compose(overrides(args, method, experts, batch, cache))
                 train_and_evaluate(cfg, run_dir)

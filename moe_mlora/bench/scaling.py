@@ -14,7 +14,9 @@ path), where the routing allows both. The dense softmax mixture has only the den
 The batches are generated (no data needed): random field values, domains drawn uniformly
 or with Zipf's law (``--domains zipf``: domain d has weight 1/(d+1), as uneven as real
 themes). All configurations run interleaved, round after round, and each keeps its best
-round's median step: noise on a shared machine only ever adds time.
+round's median step: noise on a shared machine only ever adds time. ``--allocator tuned``
+(the default, as a run's) sets glibc's malloc as a training run does before the first step;
+``--allocator default`` leaves glibc's own settings (see ``moe_mlora/allocator.py``).
 
 Writes ``scaling.md`` (the table and how it was measured) and ``scaling.png`` (the curves)
 into ``--out`` (default ``experiments``).
@@ -30,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from moe_mlora.allocator import MODES, configure_allocator
 from moe_mlora.bench.core import StepTimer
 from moe_mlora.cli import key_value_argv
 from moe_mlora.data.processed import FieldSpec
@@ -189,6 +192,12 @@ def main(argv: list[str] | None = None) -> None:
         default="uniform",
         help="how rows are spread over domains and experts (default uniform)",
     )
+    parser.add_argument(
+        "--allocator",
+        choices=MODES,
+        default="tuned",
+        help="glibc malloc settings (default tuned, as a run's default)",
+    )
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
     parser.add_argument("--batches", type=int, default=20, help="batches per round (default 20)")
     parser.add_argument(
@@ -199,6 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(key_value_argv(parser, argv))
     torch.set_num_threads(args.threads)
+    configure_allocator(args.allocator)
     print(f"scaling: {len(cases())} configurations, {args.rounds} rounds, {args.domains} domains")
     listed = run(args.domains, args.rounds, args.batches)
     lines = table(listed)
@@ -207,11 +217,15 @@ def main(argv: list[str] | None = None) -> None:
     suffix = "" if args.domains == "uniform" else f"_{args.domains}"
     image = args.out / f"scaling{suffix}.png"
     plot(listed, image)
-    command = f"python -m moe_mlora.bench scaling --threads {args.threads} --domains {args.domains}"
+    command = (
+        f"python -m moe_mlora.bench scaling --threads {args.threads} --domains {args.domains}"
+        f" --allocator {args.allocator}"
+    )
     block = [
-        f"Measured {time.strftime('%Y-%m-%d')} with `{command}` on {platform.machine()}, "
-        f"torch {torch.__version__}, {args.threads} threads, batch {BATCH}, "
-        f"{args.domains} domains, best of {args.rounds} interleaved rounds.",
+        f"Measured {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC with `{command}` on "
+        f"{platform.machine()}, torch {torch.__version__}, {args.threads} threads, batch {BATCH}, "
+        f"{args.domains} domains, allocator {args.allocator}, best of {args.rounds} interleaved "
+        "rounds.",
         "",
         *lines,
         "",

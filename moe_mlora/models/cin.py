@@ -67,7 +67,11 @@ class _CINProductsMatmul(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
         x0, hidden, weight, products = ctx.saved_tensors
         need_x0, need_hidden, need_weight, need_bias = ctx.needs_input_grad
-        grad = grad.to(products.dtype)  # bf16 under autocast; the saved inputs are not
+        # Under autocast the layer's output (so ``grad``) is bf16, and so is ``hidden`` past
+        # the first layer (the previous layer's output), while ``x0`` and the products are
+        # float32: compute every gradient in the products' dtype.
+        grad = grad.to(products.dtype)
+        x0, hidden = x0.to(products.dtype), hidden.to(products.dtype)
         grad_weight = products.t() @ grad if need_weight else None
         grad_bias = grad.sum(0) if need_bias else None
         grad_x0 = grad_hidden = None
