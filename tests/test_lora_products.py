@@ -85,6 +85,26 @@ def test_rows_path_equals_dense_path(kind, routing, experts, gate, rows) -> None
         torch.testing.assert_close(rows_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize(
+    ("kind", "routing", "experts", "gate"),
+    [("mlora", "domain", None, {}), ("moe", "mixture", 6, {"top_k": 2})],
+    ids=["mlora", "top-2"],
+)
+def test_rows_path_trains_under_bf16_autocast_as_the_dense_path(kind, routing, experts, gate):
+    dense, by_rows = twin_models(kind, experts, **gate)
+    sparse, domain = batch(SHUFFLED)
+    results = []
+    for model in (dense, by_rows):
+        model.routing = routing
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results.append(outputs_and_grads(model, sparse, domain))
+    (dense_out, dense_grads), (rows_out, rows_grads) = results
+    torch.testing.assert_close(rows_out, dense_out, rtol=0.05, atol=0.05)
+    for name, grad in dense_grads.items():
+        assert torch.isfinite(rows_grads[name]).all(), name
+        torch.testing.assert_close(rows_grads[name], grad, rtol=0.05, atol=0.05, msg=name)
+
+
 def test_auto_takes_the_rows_path_from_the_measured_expert_count() -> None:
     x = torch.zeros(2, 3)
     few = build_model("mlp", FIELDS, DOMAINS, AdapterConfig(kind="mlora")).tower.adapter

@@ -55,6 +55,9 @@ class _Mix(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
         weights, experts = ctx.saved_tensors
+        # Under autocast the forward's bmm ran in bf16 while the saved inputs (and the
+        # gradient arriving) may each be float32 or bf16: compute in the gradient's dtype.
+        weights, experts = weights.to(grad.dtype), experts.to(grad.dtype)
         grad_weights = grad_experts = None
         if ctx.needs_input_grad[0]:
             grad_weights = torch.bmm(grad, experts.transpose(1, 2))
