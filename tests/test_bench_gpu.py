@@ -27,10 +27,16 @@ def test_gpu_checks_pass_on_the_cpu(cache: Path, tmp_path: Path) -> None:
     out = tmp_path / "checks.md"
     gpu_checks.main(["accelerator=cpu", "clicks=20000", f"out={out}"])
     rows = table_rows(out.read_text())
-    names = ["CIN backward, bf16 autocast", "xDeepFM training, bf16-mixed", "DDP, one device"]
+    names = [
+        "CIN backward, bf16 autocast",
+        "every method, one bf16 step",
+        "xDeepFM training, bf16-mixed",
+        "DDP, one device",
+    ]
     assert [row[0] for row in rows] == names
-    assert [row[1] for row in rows] == ["pass"] * 3, rows
-    assert "test WAUC 0." in rows[1][2] and "test WAUC 0." in rows[2][2]
+    assert [row[1] for row in rows] == ["pass"] * 4, rows
+    assert rows[1][2].startswith("10 of 10 finite: base, mlora (dense), moe top-2 (dense)")
+    assert "test WAUC 0." in rows[2][2] and "test WAUC 0." in rows[3][2]
 
 
 def test_a_failing_check_fails_the_command_and_the_others_still_run(
@@ -43,6 +49,7 @@ def test_a_failing_check_fails_the_command_and_the_others_still_run(
         return lambda *args: gpu_checks.Check(name, True, "ok")
 
     monkeypatch.setattr(gpu_checks, "cin_bf16_gradients", crash)
+    monkeypatch.setattr(gpu_checks, "every_method_bf16_step", fine("every method, one bf16 step"))
     monkeypatch.setattr(gpu_checks, "bf16_training", fine("xDeepFM training, bf16-mixed"))
     monkeypatch.setattr(gpu_checks, "ddp_one_device", fine("DDP, one device"))
     with pytest.raises(SystemExit) as stopped:
@@ -51,7 +58,7 @@ def test_a_failing_check_fails_the_command_and_the_others_still_run(
     rows = table_rows(capsys.readouterr().out)
     assert rows[0][:2] == ["CIN backward, bf16 autocast", "FAIL"]
     assert "found BFloat16" in rows[0][2]
-    assert [row[1] for row in rows[1:]] == ["pass", "pass"]
+    assert [row[1] for row in rows[1:]] == ["pass"] * 3
 
 
 def test_the_cin_check_fails_when_the_backward_strays_from_autograds(

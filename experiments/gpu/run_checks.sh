@@ -7,7 +7,8 @@
 # Writes into $OUT (default experiments/gpu/out): log.txt (everything printed), gpu_fp32.md
 # and gpu_bf16.md (python -m moe_mlora.bench gpu: DeepFM base and MoE-MLoRA E=8, batch
 # 1024 and 8192, generated Taobao-20) and gpu_checks.md (python -m moe_mlora.bench
-# gpu_checks: bf16 through the CIN's backward, bf16 training, DDP on one device).
+# gpu_checks: bf16 through the CIN's backward, a bf16 step of every method, bf16
+# training, DDP on one device).
 # Exits 1 when a step failed, 2 when the packages cannot be set up.
 #
 # The machine's own torch is used as it is. hydra-core, omegaconf, antlr4 and polars, when

@@ -12,7 +12,7 @@ BENCHMARKS = {
     "baselines": "training speed of every method (DeepFM) vs DeepCTR-Torch's DeepFM, MovieLens",
     "predict": "rows/second of python -m moe_mlora.predict on 1M generated rows",
     "gpu": "training samples/s, DeepFM base and MoE-MLoRA E=8, batch 1024/8192, Taobao-20",
-    "gpu_checks": "bf16 through the CIN's backward, bf16 training, DDP on one device (pass/fail)",
+    "gpu_checks": "bf16: the CIN backward, every method, training; DDP on one device (pass/fail)",
     "scaling": "step time vs base as domains and experts grow (MLoRA, phases 2 and 3)",
     "contention": "the default run idle and beside N busy processes, per thread setting",
     "cin": "xDeepFM step time: our CIN vs a Conv1d CIN, glibc's vs the tuned allocator",

@@ -1,12 +1,15 @@
 """Paths that only a GPU exercises, checked in one go: ``python -m moe_mlora.bench gpu_checks``.
 
-Three checks, each printed as a row of one markdown table (and written to ``--out``):
+Four checks, each printed as a row of one markdown table (and written to ``--out``):
 
 * **CIN backward in bf16.** xDeepFM's CIN has a hand-written backward
   (``moe_mlora.models.cin``). Under bf16 autocast on the device, an xDeepFM training step
   must give finite gradients, and the CIN's own gradients (its weights and its input) must
   agree with autograd's backward of the same products within ``--tolerance`` (relative
   L2) and be no further from float32's than autograd's are.
+* **Every method in bf16.** One training step under bf16 autocast of base, MLoRA and a
+  top-2 MoE-MLoRA (each through the dense and the rows product path) and of every
+  multi-domain tower, on DeepFM: every parameter gets a finite gradient.
 * **bf16 training.** One epoch of xDeepFM with ``trainer.precision=bf16-mixed`` on generated
   Taobao-20 data, through the real run pipeline: it must finish with a finite test WAUC.
 * **DDP on one device.** ``python -m moe_mlora.run trainer=ddp trainer.devices=1`` (a fresh
@@ -153,6 +156,44 @@ def cin_bf16_gradients(accelerator: str, tolerance: float) -> Check:
     return Check("CIN backward, bf16 autocast", passed, detail)
 
 
+def every_method_bf16_step(accelerator: str) -> Check:
+    """One training step of every adapter and multi-domain tower on DeepFM under bf16
+    autocast, each LoRA routing through both product paths: every gradient finite."""
+    from moe_mlora.models import AdapterConfig, build_model
+    from moe_mlora.models.multidomain import TOWERS
+
+    device = device_of(accelerator)
+    generator = torch.Generator().manual_seed(3)
+    sparse = torch.stack(
+        [torch.randint(1, f.vocab_size, (1024,), generator=generator) for f in FIELDS], 1
+    ).to(device)
+    domain = torch.randint(0, DOMAINS, (1024,), generator=generator).to(device)
+    label = torch.randint(0, 2, (1024,), generator=generator).float().to(device)
+    variants: dict[str, dict] = {"base": {}}
+    for products in ("dense", "rows"):
+        variants[f"mlora ({products})"] = {"adapter": AdapterConfig("mlora", products=products)}
+        top_2 = AdapterConfig("moe", experts=8, products=products, gate={"top_k": 2})
+        variants[f"moe top-2 ({products})"] = {"adapter": top_2}
+    variants |= {kind: {"tower": {"kind": kind}} for kind in TOWERS}
+    failed = []
+    for name, options in variants.items():
+        torch.manual_seed(0)
+        adapter = options.get("adapter", AdapterConfig("none"))
+        tower = options.get("tower")
+        model = build_model("deepfm", FIELDS, DOMAINS, adapter, tower=tower).to(device).train()
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            logits = model(sparse, domain)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), label)
+        loss.backward()
+        grads = [p.grad for p in model.parameters() if p.requires_grad]
+        if any(g is None or not torch.isfinite(g).all() for g in grads):
+            failed.append(name)
+    detail = f"{len(variants) - len(failed)} of {len(variants)} finite: {', '.join(variants)}"
+    if failed:
+        detail += f"; missing or not finite: {', '.join(failed)}"
+    return Check("every method, one bf16 step", not failed, detail)
+
+
 def run_overrides(accelerator: str, clicks: int, cache: Path) -> list[str]:
     """A short xDeepFM run on generated Taobao-20 data."""
     return [
@@ -245,6 +286,7 @@ def main(argv: list[str]) -> None:
     accelerator, clicks, tolerance = args.accelerator, args.clicks, args.tolerance
     checks = [
         timed("CIN backward, bf16 autocast", lambda: cin_bf16_gradients(accelerator, tolerance)),
+        timed("every method, one bf16 step", lambda: every_method_bf16_step(accelerator)),
         timed("xDeepFM training, bf16-mixed", lambda: bf16_training(accelerator, clicks, cache)),
         timed("DDP, one device", lambda: ddp_one_device(accelerator, clicks, cache)),
     ]
