@@ -15,6 +15,7 @@ import os
 import torch
 import torch.distributed as dist
 from lightning.fabric.utilities.rank_zero import rank_zero_only
+from torch import nn
 from torchmetrics.utilities.distributed import gather_all_tensors
 
 
@@ -106,3 +107,29 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     summed = tensor.detach().clone().to(_collective_device(tensor))
     dist.all_reduce(summed, op=dist.ReduceOp.SUM)
     return summed.to(tensor.device)
+
+
+@torch.no_grad()
+def average_running_statistics(module: nn.Module) -> None:
+    """Average ``module``'s moving statistics (float buffers named ``running_*``) over all
+    processes, in place; a no-op in a single process.
+
+    Under DDP each process moves them with its own shard of every batch (STAR's
+    partitioned normalisation), and buffer syncs are off (``trainer_strategy``): evaluated
+    as they stand, each process would score its shard of the rows with other statistics,
+    and the validation WAUC that picks the best epoch would belong to no single model.
+    """
+    world = process_slot()[1]
+    buffers = [
+        buffer
+        for name, buffer in module.named_buffers()
+        if name.rsplit(".", 1)[-1].startswith("running_") and buffer.is_floating_point()
+    ]
+    if world == 1 or not buffers:
+        return
+    device = _collective_device(buffers[0])
+    flat = torch.cat([buffer.reshape(-1).to(device) for buffer in buffers])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= world
+    for buffer, part in zip(buffers, flat.split([b.numel() for b in buffers]), strict=True):
+        buffer.copy_(part.view_as(buffer))

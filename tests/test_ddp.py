@@ -35,6 +35,7 @@ from moe_mlora.pipeline.runner import train_and_evaluate
 from moe_mlora.sweep import config_fingerprint
 from moe_mlora.training.checkpoints import RunCheckpoints
 from moe_mlora.training.module import (
+    CTRModule,
     Phase,
     batch_mean_bce,
     expert_mean_bce,
@@ -363,3 +364,57 @@ def test_command_line_ddp_run_completes_close_to_one_process(cache_dir, tmp_path
         sum(d["samples"] for d in test["per_domain"].values()) == results["data"]["test"]["samples"]
     )
     assert test["wauc"] == pytest.approx(single["test"]["wauc"], abs=0.02)
+
+
+# ------------------------------------------------- moving statistics (STAR's normalisation)
+def _average_worker(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from moe_mlora.distributed import average_running_statistics
+    from moe_mlora.models.multidomain.star import PartitionedNorm
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    norm = PartitionedNorm(3, 4)
+    norm.running_mean.fill_(float(rank))  # each process moved them with its own shard
+    norm.running_var.fill_(1.0 + 2 * rank)
+    norm.register_buffer("counts", torch.full((3,), rank))  # not floating point: left alone
+    norm.register_buffer("table", torch.arange(4.0) + rank)  # not a running_ buffer: left alone
+    average_running_statistics(norm)
+    torch.save({name: b.clone() for name, b in norm.named_buffers()}, f"{out}/buffers.{rank}")
+    dist.destroy_process_group()
+
+
+def test_moving_statistics_are_averaged_over_the_processes(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_average_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    for rank in range(WORLD):
+        buffers = torch.load(tmp_path / f"buffers.{rank}")
+        assert torch.equal(buffers["running_mean"], torch.full((3, 4), 0.5))
+        assert torch.equal(buffers["running_var"], torch.full((3, 4), 2.0))
+        assert torch.equal(buffers["counts"], torch.full((3,), rank))
+        assert torch.equal(buffers["table"], torch.arange(4.0) + rank)
+
+
+def test_every_evaluation_starts_from_statistics_every_process_shares(monkeypatch):
+    """Validation (which picks the best epoch) and test average them first; in a single
+    process that leaves them as they are."""
+    from moe_mlora.data.processed import FieldSpec
+    from moe_mlora.distributed import average_running_statistics
+    from moe_mlora.models import build_model
+    from moe_mlora.training import module as module_file
+
+    fields = [FieldSpec("user", 5), FieldSpec("domain", 3)]
+    model = build_model("mlp", fields, 2, tower={"kind": "star"}, hidden_units=(4,))
+    model.tower.norm.running_mean.fill_(0.25)
+    average_running_statistics(model)
+    assert torch.equal(
+        model.tower.norm.running_mean, torch.full_like(model.tower.norm.running_mean, 0.25)
+    )
+    averaged = []
+    monkeypatch.setattr(module_file, "average_running_statistics", averaged.append)
+    module = CTRModule(model, ["a", "b"])
+    module.on_validation_epoch_start()
+    module.on_test_epoch_start()
+    assert averaged == [model, model]

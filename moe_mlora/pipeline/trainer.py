@@ -118,7 +118,9 @@ def trainer_strategy(strategy, unused_parameters: bool):
     adapters. Elsewhere every trainable parameter is used by every row (checked for all
     backbones), and the flag would cost a graph traversal per step. Buffer syncs before each
     forward are off: our buffers are constants (index tables, pretrained embeddings), the
-    same on every rank from the start, and a sync would cost a collective per forward.
+    same on every rank from the start, and a sync would cost a collective per forward. The
+    one exception, moving statistics (STAR's normalisation), is averaged over the processes
+    before every evaluation instead (``average_running_statistics``).
     """
     if strategy != "ddp":
         return strategy

@@ -13,7 +13,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from moe_mlora.distributed import all_reduce_sum, gather_rows
+from moe_mlora.distributed import all_reduce_sum, average_running_statistics, gather_rows
 from moe_mlora.metrics import DomainAUC, grouped_auc, weighted_auc
 from moe_mlora.training.optim import make_adam
 from moe_mlora.training.schedules import PhaseSpec
@@ -307,6 +307,9 @@ class CTRModule(L.LightningModule):
         else:
             self.val_metric.update(probs, batch["label"], batch["domain"])
 
+    def on_validation_epoch_start(self) -> None:
+        average_running_statistics(self.model)  # under DDP: one model on every process
+
     def on_validation_epoch_end(self) -> None:
         prefix = f"{self.phase.prefix}/val"
         if self.phase.per_expert:
@@ -337,6 +340,7 @@ class CTRModule(L.LightningModule):
 
     # -------------------------------------------------------------------- test
     def on_test_epoch_start(self) -> None:
+        average_running_statistics(self.model)
         self.test_metric.reset()
         num_experts = getattr(self.model, "num_experts", 0)
         if getattr(self.model, "routing", "off") == "mixture" and num_experts:
