@@ -179,6 +179,38 @@ def test_baselines_bench_ratios_are_paired_with_each_seeds_deepctr_runs():
     assert rows == [["star", "55 (1.10x)", "45 (0.90x)", "FAIL"]]  # medians over seeds
 
 
+def test_baselines_bench_batch_ratios_are_paired_with_each_seeds_deepctr_runs():
+    from moe_mlora.bench.baselines import Speed, batch_rows
+
+    # Each seed's DeepCTR batch time is the mean of its runs: 10 ms and 20 ms.
+    speeds = [
+        Speed("deepctr", "gender", seed, 1, 1.0, ms / 1e3)
+        for seed, ms in [(1, 9.0), (1, 11.0), (2, 20.0), (2, 20.0)]
+    ]
+    speeds += [
+        Speed("mmoe", "gender", 1, 1, 1.0, 0.0125),
+        Speed("mmoe", "gender", 2, 1, 1.0, 0.016),
+    ]
+    assert batch_rows(speeds, ["mmoe"], ["gender"]) == [["mmoe", "14.25 (1.02x)"]]  # 0.8x, 1.25x
+
+
+def test_step_times_record_every_optimizer_step_inside_the_block_only():
+    import torch
+
+    from moe_mlora.bench.baselines import median_interval, step_times
+
+    weight = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    with step_times() as times:
+        for _ in range(3):
+            weight.grad = torch.ones(2)
+            optimizer.step()
+    optimizer.step()  # after the block: not recorded
+    assert len(times) == 3 and times == sorted(times)
+    assert median_interval([0.0, 1.0, 3.0, 3.5]) == 1.0  # intervals 1, 2 and 0.5
+    assert math.isnan(median_interval(times[:1]))  # no interval
+
+
 @pytest.mark.skipif(not HAS_DEEPCTR, reason="deepctr-torch not installed (make install-bench)")
 def test_baselines_bench_end_to_end_on_tiny_movielens(tmp_path, capsys):
     from moe_mlora.bench import baselines
@@ -195,7 +227,7 @@ def test_baselines_bench_end_to_end_on_tiny_movielens(tmp_path, capsys):
     text = output.read_text()
     assert "python -m moe_mlora.bench baselines root=" in text
     assert "- allocator: `tuned` for both libraries" in text  # a run's default
-    assert [line.split(" |")[0] for line in text.splitlines() if line.startswith("| ")][1:] == [
-        "| base",
-        "| star",
-    ]
+    assert "## Per training batch" in text
+    assert [line.split(" |")[0] for line in text.splitlines() if line.startswith("| ")] == [
+        "| method", "| base", "| star", "| method", "| base", "| star",
+    ]  # fmt: skip

@@ -13,6 +13,13 @@ as in ``bench parity`` (training wall clock, validation excluded; MoE-MLoRA: all
 phases). The epoch cap (default 3) keeps the benchmark short: throughput, not accuracy, is
 measured here (accuracy: ``experiments/baselines.md``).
 
+Whole-run throughput moves 10-35% with this VM's phase even between runs minutes apart, so
+every run also records the median time from one optimizer step to the next (every
+optimizer's steps, through torch's global step hook: the same clock for both libraries).
+That interval is a training batch with its data fetch and the loop's overhead; epoch and
+phase boundaries (validation) are single outliers the median ignores. Its paired ratio
+(DeepCTR's median batch time over ours, per seed) is printed as a second table.
+
 ``allocator=tuned`` (the default, as in a run) or ``default`` sets glibc's malloc for the
 whole process before the first run, so both libraries train under it. DeepCTR-Torch's
 DeepFM page-faults about 10 times a step under either, so the bar does not depend on it;
@@ -26,17 +33,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import itertools
 import platform
 import shlex
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from statistics import median
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from moe_mlora.allocator import MODES, configure_allocator
 from moe_mlora.bench.core import DEFAULT_ROOT, ROOT_HINT
@@ -60,17 +70,35 @@ DEFAULT_OUTPUT = REPO / "experiments" / "baselines_speed.md"
 
 @dataclass
 class Speed:
-    """One run's training throughput."""
+    """One run's training throughput, and its median time per training batch."""
 
     method: str  # "deepctr" for DeepCTR-Torch's DeepFM
     split: str
     seed: int
     samples: int
     seconds: float
+    batch_seconds: float = float("nan")
 
     @property
     def samples_per_s(self) -> float:
         return self.samples / self.seconds if self.seconds else float("nan")
+
+
+@contextlib.contextmanager
+def step_times() -> Iterator[list[float]]:
+    """The ``perf_counter`` time of every optimizer step taken inside the block."""
+    times: list[float] = []
+    handle = register_optimizer_step_post_hook(lambda *_: times.append(time.perf_counter()))
+    try:
+        yield times
+    finally:
+        handle.remove()
+
+
+def median_interval(times: list[float]) -> float:
+    """The median time between consecutive steps (NaN with fewer than two)."""
+    gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
+    return median(gaps) if gaps else float("nan")
 
 
 def run_method(method: str, split: str, args: argparse.Namespace, seed: int, out: Path) -> Speed:
@@ -91,18 +119,22 @@ def run_method(method: str, split: str, args: argparse.Namespace, seed: int, out
         "progress=false",
         "checkpoint=false",
     ]
-    with contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()), step_times() as times:
         results = train_and_evaluate(compose(overrides), out)
     phases = results["phases"]
     samples = sum(p["train_samples"] for p in phases)
     seconds = sum(p["train_wall_seconds"] for p in phases)
-    return Speed(method, split, seed, samples, seconds)
+    return Speed(method, split, seed, samples, seconds, median_interval(times))
 
 
 def run_reference(data, seed: int, max_epochs: int) -> Speed:
     """DeepCTR-Torch's DeepFM (the bar), as ``bench parity`` trains it."""
-    record = run_deepctr("deepfm", data, seed, max_epochs)
-    return Speed("deepctr", "gender", seed, record.train_samples, record.train_seconds)
+    with step_times() as times:
+        record = run_deepctr("deepfm", data, seed, max_epochs)
+    return Speed(
+        "deepctr", "gender", seed, record.train_samples, record.train_seconds,
+        median_interval(times),
+    )  # fmt: skip
 
 
 def seed_bars(speeds: list[Speed]) -> dict[int, float]:
@@ -112,6 +144,25 @@ def seed_bars(speeds: list[Speed]) -> dict[int, float]:
         if s.method == "deepctr":
             rates.setdefault(s.seed, []).append(s.samples_per_s)
     return {seed: sum(r) / len(r) for seed, r in rates.items()}
+
+
+def batch_rows(speeds: list[Speed], methods: list[str], splits: list[str]) -> list[list[str]]:
+    """Per method and split: median ms per training batch, and the median over seeds of the
+    seed's DeepCTR batch time (mean of its runs) over the run's: above 1.0x is faster."""
+    bars: dict[int, list[float]] = {}
+    for s in speeds:
+        if s.method == "deepctr":
+            bars.setdefault(s.seed, []).append(s.batch_seconds)
+    rows = []
+    for method in methods:
+        cells = [method]
+        for split in splits:
+            runs = [s for s in speeds if (s.method, s.split) == (method, split)]
+            ms = median(s.batch_seconds for s in runs) * 1e3
+            ratio = median(sum(bars[s.seed]) / len(bars[s.seed]) / s.batch_seconds for s in runs)
+            cells.append(f"{ms:.2f} ({ratio:.2f}x)")
+        rows.append(cells)
+    return rows
 
 
 def summary_rows(speeds: list[Speed], methods: list[str], splits: list[str]) -> list[list[str]]:
@@ -132,11 +183,17 @@ def summary_rows(speeds: list[Speed], methods: list[str], splits: list[str]) -> 
 
 
 def render_markdown(
-    command: str, args: argparse.Namespace, speeds: list[Speed], rows: list[list[str]]
+    command: str,
+    args: argparse.Namespace,
+    speeds: list[Speed],
+    rows: list[list[str]],
+    batches: list[list[str]],
 ) -> str:
     references = [s.samples_per_s for s in speeds if s.method == "deepctr"]
     bar, low, high = median(references), min(references), max(references)
+    reference_ms = median(s.batch_seconds for s in speeds if s.method == "deepctr") * 1e3
     header = ["method", *(f"{split} samples/s (x DeepCTR)" for split in args.splits), "≥ 1.0x"]
+    batch_header = ["method", *(f"{split} ms per batch (x DeepCTR)" for split in args.splits)]
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return f"""# Training speed of every method against DeepCTR-Torch's DeepFM
 
@@ -161,6 +218,16 @@ Written on {when} by
 {markdown_table(header, rows)}
 
 A method passes when it is at or above {SPEED_TARGET:.1f}x the bar on every split.
+
+## Per training batch
+
+The median time from one optimizer step to the next in each run (a batch, its data fetch
+and the training loop's overhead; validation falls between epochs and is one outlier per
+epoch), median over seeds. DeepCTR-Torch's DeepFM: **{reference_ms:.2f} ms** (median over its
+runs). The ratio is paired like the one above: each seed's DeepCTR batch time (mean of
+its runs) over the run's, so above 1.0x is faster than DeepCTR-Torch.
+
+{markdown_table(batch_header, batches)}
 """
 
 
@@ -217,15 +284,19 @@ def main(argv: list[str] | None = None) -> None:
             for s in done:
                 print(
                     f"  seed {seed} {s.method:<14} {s.split:<10} {s.samples_per_s:>9,.0f} "
-                    f"samples/s [{(time.perf_counter() - start) / 60:.1f} min]",
+                    f"samples/s {s.batch_seconds * 1e3:6.2f} ms/batch "
+                    f"[{(time.perf_counter() - start) / 60:.1f} min]",
                     flush=True,
                 )
     rows = summary_rows(speeds, args.methods, args.splits)
+    batches = batch_rows(speeds, args.methods, args.splits)
     header = ["method", *args.splits, "≥ 1.0x"]
     print(f"\nagainst DeepCTR-Torch's DeepFM ({args.threads} threads):")
     print(text_table(header, rows))
+    print("\nms per training batch (x DeepCTR-Torch's):")
+    print(text_table(["method", *args.splits], batches))
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(render_markdown(command, args, speeds, rows))
+    args.output.write_text(render_markdown(command, args, speeds, rows, batches))
     print(f"written: {args.output}")
 
 
