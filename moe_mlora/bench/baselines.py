@@ -13,9 +13,10 @@ as in ``bench parity`` (training wall clock, validation excluded; MoE-MLoRA: all
 phases). The epoch cap (default 3) keeps the benchmark short: throughput, not accuracy, is
 measured here (accuracy: ``experiments/baselines.md``).
 
-Whole-run throughput moves 10-35% with this VM's phase even between runs minutes apart, so
-every run also records the median time from one optimizer step to the next (every
-optimizer's steps, through torch's global step hook: the same clock for both libraries).
+Whole-run throughput can move 10-35% between runs minutes apart on a shared or virtual
+machine, so every run also records the median time from one optimizer step to the next
+(every optimizer's steps, through torch's global step hook: the same clock for both
+libraries).
 That interval is a training batch with its data fetch and the loop's overhead; epoch and
 phase boundaries (validation) are single outliers the median ignores. Its paired ratio
 (DeepCTR's median batch time over ours, per seed) is printed as a second table.
