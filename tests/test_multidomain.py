@@ -68,6 +68,19 @@ def test_every_tower_trains_under_bf16_autocast_on_every_backbone(kind, backbone
     assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
 
 
+@pytest.mark.parametrize("kind", TOWERS)
+def test_every_tower_takes_a_backbone_with_one_hidden_layer(kind):
+    """``model.hidden_units=[32]``: the towers' defaults split the hidden units into experts
+    (or a bottom) and per-domain towers, and one layer leaves the experts none of their own."""
+    torch.manual_seed(0)
+    net = build_model("deepfm", FIELDS, NUM_DOMAINS, tower={"kind": kind}, embedding_dim=4,
+                      hidden_units=(8,), dropout=0.0)  # fmt: skip
+    sparse, domain, label = batch()
+    loss_of(net, sparse, domain, label).backward()
+    missing = [name for name, p in net.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
+
+
 def test_mix_backward_under_bf16_agrees_with_autograds():
     from moe_mlora.models.multidomain.mmoe import mix
 

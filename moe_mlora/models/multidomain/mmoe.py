@@ -4,7 +4,8 @@ Mixture-of-Experts", KDD 2018), per domain.
 ``experts`` shared expert MLPs read the tower input; each domain has its own softmax gate
 (a Linear layer over the same input) that mixes them, and its own tower MLP on the mixture.
 Defaults: 4 experts (the paper uses 4 to 8), each expert = the backbone's hidden units but
-the last (256, 128), towers = the last (64). All experts run on every row (one stacked
+the last (256, 128; one layer of the input's width when the backbone has one hidden layer),
+towers = the last (64). All experts run on every row (one stacked
 product); the gate and tower of a row are its domain's.
 """
 
@@ -87,7 +88,10 @@ class MMoE(MultiDomainTower):
         super().__init__(num_domains, input_dim)
         if experts < 1:
             raise ValueError(f"mmoe experts must be >= 1, got {experts}")
+        # A one-layer backbone tower leaves no layer for the experts: one of the input's width
+        # (as PLE's experts).
         expert_units = list(hidden_units[:-1] if expert_units is None else expert_units)
+        expert_units = expert_units or [input_dim]
         tower_units = list(hidden_units[-1:] if tower_units is None else tower_units)
         self.experts = StackedMLP(experts, input_dim, expert_units, dropout)
         self.gates = DomainGates(num_domains, input_dim, experts)
