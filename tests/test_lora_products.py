@@ -204,6 +204,25 @@ def test_expert_adam_is_torch_adam_per_expert_with_absent_experts_skipped() -> N
     assert torch.equal(reloaded.state[stacked]["step"], state["step"])
 
 
+def test_without_a_fused_cpu_kernel_adam_runs_unfused_with_the_same_update(monkeypatch) -> None:
+    """Torch releases before 2.4 have no fused Adam on the CPU."""
+    from moe_mlora.training import optim
+
+    torch.manual_seed(0)
+    start = torch.randn(4, 3)
+    updated = []
+    for fused in (True, False):
+        monkeypatch.setattr(optim, "fused_adam_runs_on", lambda device, fused=fused: fused)
+        stacked = torch.nn.Parameter(start.clone())
+        adam = make_adam([stacked], 0.05, 0.01, [stacked])
+        assert [group["fused"] for group in adam.param_groups] == [fused]
+        for step in range(3):
+            stacked.grad = torch.randn(4, 3, generator=torch.Generator().manual_seed(step))
+            adam.step()
+        updated.append(stacked.detach().clone())
+    torch.testing.assert_close(updated[1], updated[0])
+
+
 def test_products_must_be_a_known_path() -> None:
     with pytest.raises(ValueError, match="products must be one of"):
         AdapterConfig(kind="mlora", products="sparse")

@@ -184,6 +184,15 @@ def test_domain_groups_products_and_gradients_equal_a_loop_over_rows(width, out,
     assert got_grads[1][2].eq(0).all()  # the empty domain's weights get no gradient
 
 
+@pytest.mark.parametrize("apply", [per_row_linear, sorted_once_linear])
+def test_without_a_cpu_grouped_gemm_the_wide_layers_take_the_padded_path(monkeypatch, apply):
+    """Torch releases before 2.13 may lack ``F.grouped_mm`` on the CPU."""
+    from moe_mlora.models.multidomain import base
+
+    monkeypatch.setattr(base, "cpu_grouped_mm_available", lambda: False)
+    test_domain_groups_products_and_gradients_equal_a_loop_over_rows(8, 36, "padded", apply)
+
+
 def test_sorting_rows_by_domain_and_back_moves_values_and_gradients_exactly():
     generator = torch.Generator().manual_seed(3)
     domain = torch.randint(0, 4, (50,), generator=generator)

@@ -30,7 +30,6 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 
-@register_flop_formula(torch.ops.aten._grouped_mm)
 def _grouped_mm_flops(a_shape, b_shape, *args, **kwargs) -> int:
     """``F.grouped_mm``: every row of the jagged operand meets one group's matrix once."""
     if len(a_shape) == 2 and len(b_shape) == 3:  # [N, K] rows x [G, K, M]: a forward
@@ -40,6 +39,10 @@ def _grouped_mm_flops(a_shape, b_shape, *args, **kwargs) -> int:
     if len(a_shape) == 3:  # [G, N, K] x [K, M] jagged in M
         return 2 * a_shape[1] * a_shape[2] * b_shape[1]
     return 2 * a_shape[0] * a_shape[1] * b_shape[1]  # [M, K] x [K, N], jagged in K
+
+
+if hasattr(torch.ops.aten, "_grouped_mm"):  # torch releases before the grouped GEMM lack it
+    register_flop_formula(torch.ops.aten._grouped_mm)(_grouped_mm_flops)
 
 
 def forward_flops(model: nn.Module, *inputs: Tensor) -> int:

@@ -17,12 +17,28 @@ updated at once.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 
 import torch
 from torch.optim.adam import adam
 
 NO_EXPERTS: Callable[[], frozenset[int]] = frozenset
+
+
+@functools.cache
+def fused_adam_runs_on(device_type: str) -> bool:
+    """Whether this torch has a fused Adam kernel for ``device_type``: CUDA's since torch
+    2.0, the CPU's since 2.4; elsewhere Adam runs unfused (the same update)."""
+    if device_type == "cuda":
+        return True
+    if device_type != "cpu":
+        return False
+    try:
+        torch.optim.Adam([torch.zeros(1, requires_grad=True)], fused=True)
+    except RuntimeError:
+        return False
+    return True
 
 
 class Adam(torch.optim.Optimizer):
@@ -51,7 +67,7 @@ class Adam(torch.optim.Optimizer):
         ]
         groups = [group for group in groups if group["params"]] or groups[:1]
         # "fused" also tells load_state_dict to put the step counts on the parameters' device
-        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+        fused = all(p.is_floating_point() and fused_adam_runs_on(p.device.type) for p in params)
         defaults = {
             "lr": lr,
             "betas": (0.9, 0.999),

@@ -37,6 +37,7 @@ input to its output (:meth:`DomainGroups.sort`, :meth:`DomainGroups.sorted_linea
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Sequence
@@ -86,9 +87,25 @@ class _PermuteRows(torch.autograd.Function):
         return grad.index_select(0, inverse), None, None
 
 
+@functools.cache
+def cpu_grouped_mm_available() -> bool:
+    """Whether this torch has ``F.grouped_mm`` and runs it on the CPU (2.13 does; releases
+    before it may not, and the towers then take the padded or dense path)."""
+    if not hasattr(F, "grouped_mm"):
+        return False
+    try:
+        offsets = torch.tensor([4], dtype=torch.int32)
+        F.grouped_mm(torch.zeros(4, 4), torch.zeros(1, 4, 4), offs=offsets)
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+    return True
+
+
 def grouped_mm_fits(x: Tensor, weight: Tensor) -> bool:
     """Whether ``F.grouped_mm`` runs ``x [N, in]`` by ``weight [G, in, out]`` (CPU float32)."""
     if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return False
+    if not cpu_grouped_mm_available():
         return False
     per_row = GROUPED_MM_ALIGNMENT // x.element_size()
     return x.shape[1] % per_row == 0 and weight.shape[2] % per_row == 0
