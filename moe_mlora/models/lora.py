@@ -35,12 +35,10 @@ from torch import Tensor, nn
 
 def static_shapes() -> bool:
     """Whether the forward is being traced or exported (TorchScript, ONNX, torch.export)."""
+    compiling = getattr(torch.compiler, "is_compiling", lambda: False)  # torch 2.3+
     exporting = getattr(torch.compiler, "is_exporting", lambda: False)
     return bool(
-        torch.jit.is_tracing()
-        or torch.onnx.is_in_onnx_export()
-        or torch.compiler.is_compiling()
-        or exporting()
+        torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or compiling() or exporting()
     )
 
 
