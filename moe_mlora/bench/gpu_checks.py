@@ -235,12 +235,9 @@ def ddp_one_device(accelerator: str, clicks: int, cache: Path) -> Check:
     """``trainer=ddp trainer.devices=1`` in a fresh process, as a user runs it."""
     with tempfile.TemporaryDirectory() as scratch:
         run_dir = Path(scratch) / "run"
-        overrides = [
-            *run_overrides(accelerator, clicks, cache),
-            "trainer=ddp",
-            "trainer.devices=1",
-            f"hydra.run.dir={run_dir}",
-        ]
+        overrides = run_overrides(accelerator, clicks, cache)
+        overrides = [o for o in overrides if not o.startswith("trainer=")]  # ddp's, not gpu's
+        overrides += ["trainer=ddp", "trainer.devices=1", f"hydra.run.dir={run_dir}"]
         command = [sys.executable, "-m", "moe_mlora.run", *overrides]
         done = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
         results_file = run_dir / "results.json"
