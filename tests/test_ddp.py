@@ -418,3 +418,38 @@ def test_every_evaluation_starts_from_statistics_every_process_shares(monkeypatc
     module.on_validation_epoch_start()
     module.on_test_epoch_start()
     assert averaged == [model, model]
+
+
+@pytest.mark.slow
+def test_ddp_star_validates_and_saves_one_model(cache_dir, tmp_path):
+    """Two processes train STAR, whose normalisation statistics move with each process's
+    shard: the best validation WAUC and the test WAUC in results.json are what the saved
+    model scores on those rows in one process (the statistics were averaged first)."""
+    from moe_mlora.metrics import DomainAUC
+    from moe_mlora.serving.bundle import load_model
+
+    overrides = tiny(cache_dir, "method=star", "trainer.accelerator=cpu", "trainer.max_epochs=3")
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "moe_mlora.run", *overrides]
+    command += ["trainer=ddp", f"trainer.devices={WORLD}", "threads=1", f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("LOCAL_RANK", None)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((run_dir / "results.json").read_text())
+
+    datamodule, _ = build(compose(overrides))
+    model = load_model(run_dir / "model.pt").model.eval()
+
+    def wauc(loader) -> float:
+        metric = DomainAUC(datamodule.num_domains)
+        with torch.no_grad():
+            for batch in loader:
+                logits = model(batch["sparse"], batch["domain"])
+                metric.update(torch.sigmoid(logits), batch["label"], batch["domain"])
+        return float(metric.compute()["wauc"])
+
+    assert wauc(datamodule.val_dataloader()) == pytest.approx(
+        results["phases"][0]["best_val_wauc"], abs=1e-6
+    )
+    assert wauc(datamodule.test_dataloader()) == pytest.approx(results["test"]["wauc"], abs=1e-6)

@@ -185,3 +185,33 @@ def test_sigkill_during_phase_two_then_resume_gives_the_same_results(
     assert "resuming from" in resumed.stdout
     results = json.loads((folder / "results.json").read_text())
     assert outcome(results) == outcome(uninterrupted)
+
+
+class Crash(Exception):
+    """Stands for a crash in the middle of a phase."""
+
+
+@pytest.mark.parametrize("method", ["mlora", "shared_bottom", "mmoe", "ple", "star", "pepnet"])
+def test_every_single_phase_method_resumes_mid_phase_with_the_same_result(
+    cache_dir, tmp_path, monkeypatch, method
+):
+    """Interrupted at the start of its fourth epoch, then resumed from the epoch checkpoint:
+    the per-domain parts, STAR's moving statistics and Adam's state all come back."""
+    overrides = tiny(cache_dir, f"method={method}", "data.ratings=12000", "trainer.max_epochs=5")
+    reference = train_and_evaluate(compose(overrides), tmp_path / "reference")
+    assert reference["phases"][0]["epochs"] == 5  # no early stop before the crash point
+
+    real = CTRModule.on_train_epoch_start
+
+    def crash_at_epoch_three(self):
+        if self.current_epoch == 3:
+            raise Crash
+        return real(self)
+
+    monkeypatch.setattr(CTRModule, "on_train_epoch_start", crash_at_epoch_three)
+    with pytest.raises(Crash):
+        train_and_evaluate(compose(overrides), tmp_path / "run")
+    assert (tmp_path / "run" / "checkpoints" / "phase1-last.ckpt").is_file()
+    monkeypatch.undo()
+    resumed = train_and_evaluate(compose(overrides), tmp_path / "run")
+    assert outcome(resumed) == outcome(reference)
