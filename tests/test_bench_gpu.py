@@ -123,3 +123,4 @@ def test_the_gpu_script_without_packages_or_wheels_stops_and_says_what_to_do(
     done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
     assert done.returncode == 2
     assert "run 'make gpu-wheels'" in done.stdout
+    assert "run 'make gpu-wheels'" in (tmp_path / "out" / "log.txt").read_text()  # tee done

@@ -27,27 +27,35 @@ epochs="${EPOCHS:-3}"
 read -r -a batch_sizes <<< "${BATCH_SIZES:-1024 8192}"
 mkdir -p "$out"
 exec > >(tee "$out/log.txt") 2>&1
+tee_pid=$!
+finish() {  # let tee write the last lines before the script (and its caller) moves on
+    local code=$1
+    exec >&- 2>&-
+    wait "$tee_pid" 2> /dev/null
+    exit "$code"
+}
 
 if ! "$python" -c "import hydra, omegaconf, polars" 2>/dev/null; then
     if ! compgen -G "$wheels/*.whl" > /dev/null; then
         echo "hydra-core, omegaconf or polars is missing and $wheels holds no wheels:"
         echo "run 'make gpu-wheels' where pip reaches the registry, and bring $wheels along"
-        exit 2
+        finish 2
     fi
     site="$(mktemp -d)/site"
     "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-        --target "$site" "$wheels"/*.whl || exit 2
+        --target "$site" "$wheels"/*.whl || finish 2
     export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
     echo "installed from $wheels into $site: $(ls "$wheels" | tr '\n' ' ')"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
-"$python" - <<'PY' || exit 2
+"$python" - <<'PY'
 import platform, torch, lightning, hydra, polars
 print(f"python {platform.python_version()}, torch {torch.__version__}, lightning "
       f"{lightning.__version__}, hydra {hydra.__version__}, polars {polars.__version__}")
 print("device:", torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device")
 PY
+[ $? -eq 0 ] || finish 2
 command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 
 status=0
@@ -63,4 +71,4 @@ step gpu "${common[@]}" "batch-sizes=$(IFS=,; echo "${batch_sizes[*]}")" precisi
     "out=$out/gpu_bf16.md"
 step gpu_checks "accelerator=$accelerator" "out=$out/gpu_checks.md"
 echo "== done, status $status; results in $out"
-exit $status
+finish $status
