@@ -43,6 +43,7 @@ from moe_mlora.data.processed import FieldSpec
 # Field sizes of a small CTR table (index 0 is out-of-vocabulary); 3 domains.
 FIELDS = [FieldSpec("user", 500), FieldSpec("item", 800), FieldSpec("category", 40)]
 DOMAINS = 3
+EMBEDDING_DIM = 8
 
 
 @dataclass
@@ -107,7 +108,8 @@ def cin_bf16_gradients(accelerator: str, tolerance: float) -> Check:
 
     device = device_of(accelerator)
     torch.manual_seed(0)
-    model = build_model("xdeepfm", FIELDS, DOMAINS, AdapterConfig("none")).to(device).train()
+    model = build_model("xdeepfm", FIELDS, DOMAINS, AdapterConfig("none"), EMBEDDING_DIM)
+    model = model.to(device).train()
     generator = torch.Generator().manual_seed(1)
     sparse = torch.stack(
         [torch.randint(1, f.vocab_size, (512,), generator=generator) for f in FIELDS], 1
@@ -117,9 +119,11 @@ def cin_bf16_gradients(accelerator: str, tolerance: float) -> Check:
     with torch.autocast(device.type, dtype=torch.bfloat16):
         logits = model(sparse, domain)
     torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), label).backward()
-    nonfinite = [n for n, p in model.named_parameters() if not torch.isfinite(p.grad).all()]
+    nonfinite = [
+        n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()
+    ]
 
-    embeddings = torch.randn(512, len(FIELDS), 8, generator=generator).to(device)
+    embeddings = torch.randn(512, len(FIELDS), EMBEDDING_DIM, generator=generator).to(device)
     projection = torch.randn(model.cin.output_dim, generator=generator).to(device)
 
     def cin_gradients(bf16: bool, autograd: bool) -> dict[str, torch.Tensor]:
