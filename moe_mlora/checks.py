@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from moe_mlora.config import ConfigError
 from moe_mlora.data.datamodule import MOVIELENS_NO_ROOT, TABLE_NO_PATH
 from moe_mlora.data.processed import DataError
+from moe_mlora.models.layers import DROPOUT_MASKS
 
 
 def _is_int(value: Any) -> bool:
@@ -56,6 +57,12 @@ def number(key: str, value: Any, minimum: float, example: str, strict: bool) -> 
 def check_values(cfg: DictConfig) -> None:
     """The numbers: seed, expert counts, threads, learning rate, batch sizes, epochs, ranks."""
     integer("seed", cfg.seed, 0, "1")
+    mask = cfg.get("dropout_mask", "bits")
+    if mask not in DROPOUT_MASKS:
+        raise ConfigError(
+            f"dropout_mask={mask!r} must be one of {', '.join(DROPOUT_MASKS)} "
+            "(e.g. dropout_mask=bits)"
+        )
     integer("experts", cfg.get("experts"), 1, "8", optional=True)
     integer("experts_per_domain", cfg.get("experts_per_domain"), 1, "2", optional=True)
     integer("threads", cfg.get("threads"), 1, "2", optional=True)

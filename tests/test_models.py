@@ -6,6 +6,7 @@ import itertools
 
 import pytest
 import torch
+from torch import nn
 
 from moe_mlora.data.processed import FieldSpec
 from moe_mlora.models import MODELS, AdapterConfig, CTRModel, build_model
@@ -152,16 +153,52 @@ def test_deepfm_logit_is_linear_plus_fm_plus_tower() -> None:
     assert torch.allclose(model(sparse, domain), expected)
 
 
-def test_dropout_keeps_one_minus_p_scaled_and_is_identity_in_eval() -> None:
+@pytest.mark.parametrize("mask", ["bits", "uniform"])
+@pytest.mark.parametrize("p", [0.1, 0.3, 0.5, 0.9])
+def test_dropout_keeps_one_minus_p_scaled_and_is_identity_in_eval(mask, p) -> None:
     torch.manual_seed(0)
-    drop = Dropout(0.3)
-    x = torch.ones(200_000)
+    drop = Dropout(p, mask=mask)
+    x = torch.ones(400_001)  # not a multiple of 4: the last 64-bit draw is partly used
     y = drop(x)
-    assert (y == 0).float().mean().item() == pytest.approx(0.3, abs=0.01)
-    assert torch.allclose(y[y != 0], torch.full_like(y[y != 0], 1 / 0.7))
+    assert (y == 0).float().mean().item() == pytest.approx(p, abs=0.003)
+    assert torch.allclose(y[y != 0], torch.full_like(y[y != 0], 1 / (1 - p)))
+    assert y.mean().item() == pytest.approx(1.0, abs=0.01)
+    assert not torch.equal(y, drop(x))  # a fresh mask per call
     assert drop.eval()(x) is x
     with pytest.raises(ValueError, match="dropout"):
         Dropout(1.0)
+    with pytest.raises(ValueError, match="dropout_mask"):
+        Dropout(0.5, mask="bernoulli")
+
+
+def test_dropout_masks_are_independent_across_elements_and_keep_dtype() -> None:
+    """Neighbouring elements share a 64-bit draw under ``bits``: they must still be
+    independent (each pair of the four kept together a quarter of the time at p = 0.5)."""
+    torch.manual_seed(1)
+    kept = Dropout(0.5)(torch.ones(200_000, 4)) != 0
+    for i in range(4):
+        for j in range(i + 1, 4):
+            assert (kept[:, i] & kept[:, j]).float().mean().item() == pytest.approx(0.25, abs=0.005)
+    assert Dropout(0.5)(torch.ones(3, 5, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_uniform_dropout_mask_is_the_mask_of_earlier_releases() -> None:
+    torch.manual_seed(2)
+    x = torch.randn(64, 33)
+    expected = x * torch.rand_like(x).ge_(0.3).div_(0.7)
+    torch.manual_seed(2)
+    torch.randn(64, 33)
+    assert torch.equal(Dropout(0.3, mask="uniform")(x), expected)
+
+
+def test_set_dropout_mask_reaches_every_dropout_of_a_model() -> None:
+    from moe_mlora.models.layers import set_dropout_mask
+
+    model = nn.Sequential(Dropout(0.2), nn.Sequential(nn.Linear(2, 2), Dropout(0.4)))
+    set_dropout_mask(model, "uniform")
+    assert [m.mask for m in model.modules() if isinstance(m, Dropout)] == ["uniform"] * 2
+    with pytest.raises(ValueError, match="dropout_mask"):
+        set_dropout_mask(model, "fast")
 
 
 def test_field_softmax_equals_torch_softmax_with_its_gradient() -> None:

@@ -158,6 +158,11 @@ def test_bad_auc_bins_is_a_config_error(cache_dir, tmp_path):
         train_and_evaluate(compose(tiny(cache_dir, "evaluation.auc_bins=1")), tmp_path)
 
 
+def test_bad_dropout_mask_is_a_config_error(cache_dir, tmp_path):
+    with pytest.raises(ConfigError, match=r"dropout_mask='fast'.*bits, uniform"):
+        train_and_evaluate(compose(tiny(cache_dir, "dropout_mask=fast")), tmp_path)
+
+
 def test_gpu_trainer_composes_and_without_cuda_the_data_stay_on_the_cpu(ml100k_root):
     from moe_mlora.data.device import place_on_gpu, split_bytes
     from moe_mlora.data.movielens import prepare_movielens

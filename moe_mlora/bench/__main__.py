@@ -17,6 +17,7 @@ BENCHMARKS = {
     "contention": "the default run idle and beside N busy processes, per thread setting",
     "cin": "xDeepFM step time: our CIN vs a Conv1d CIN, glibc's vs the tuned allocator",
     "allocator": "page faults and ms per training batch, glibc's malloc vs allocator=tuned",
+    "dropout": "training step time of each method with dropout_mask=uniform and =bits",
 }
 
 

@@ -59,31 +59,71 @@ class FactorizationMachine(nn.Module):
         return 0.5 * (square_of_sum - sum_of_square).sum(dim=1)
 
 
-class Dropout(nn.Module):
-    """Inverted dropout, same distribution as ``nn.Dropout``, faster on CPU.
+#: How dropout draws its keep mask on the CPU (``dropout_mask=`` in the run config).
+DROPOUT_MASKS = ("bits", "uniform")
+#: ``bits`` draws are 16-bit integers: the drop probability is ``p`` rounded to a multiple
+#: of 1 / DRAW_LEVELS (within 7.6e-6 of ``p``).
+DRAW_LEVELS = 1 << 16
 
-    On CPU ``F.dropout`` samples its mask with ``bernoulli_``, which costs
-    about 4x a uniform draw and was ~40% of a DeepFM training step at batch
-    1024. Here the mask is ``uniform >= p`` (kept with probability ``1 - p``),
-    scaled by ``1 / (1 - p)``. On GPU the fused ``F.dropout`` is used.
+
+class Dropout(nn.Module):
+    """Inverted dropout, the distribution of ``nn.Dropout``, faster on the CPU.
+
+    On the CPU ``F.dropout`` samples its mask with ``bernoulli_``, about 4x the cost of a
+    uniform draw. Here a row is kept when a draw clears ``p``, and scaled by ``1 / (1 - p)``.
+    ``mask`` picks the draws:
+
+    * ``bits`` (default): 16-bit integers cut from torch's 64-bit random integers, four per
+      draw of the generator. torch's CPU generator is serial, so drawing a quarter as many
+      numbers makes the mask ~3x cheaper, and dropout ~2x (15% of a DeepFM step, more
+      where the layers are wide, as MMoE's experts).
+    * ``uniform``: one float draw per element (``uniform >= p``), the mask of releases
+      before ``bits`` existed: it reproduces their results exactly.
+
+    Both depend only on the seed, never on the thread count. On the GPU the fused
+    ``F.dropout`` runs either way.
     """
 
-    def __init__(self, p: float = 0.5) -> None:
+    def __init__(self, p: float = 0.5, mask: str = "bits") -> None:
         super().__init__()
         if not 0.0 <= p < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {p}")
         self.p = p
+        self.mask = check_dropout_mask(mask)
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.p == 0.0:
             return x
         if x.device.type != "cpu":
             return F.dropout(x, self.p, training=True)
-        keep = torch.rand_like(x).ge_(self.p).div_(1.0 - self.p)
-        return x * keep
+        return x * self.keep(x)
+
+    def keep(self, x: Tensor) -> Tensor:
+        """A mask like ``x``: 0 where dropped, ``1 / (1 - p)`` where kept."""
+        if self.mask == "uniform":
+            return torch.rand_like(x).ge_(self.p).div_(1.0 - self.p)
+        count = x.numel()
+        words = torch.empty((count + 3) // 4, dtype=torch.int64).random_(-(2**63), None)
+        draws = words.view(torch.int16)[:count].view(x.shape)  # uniform over [-2^15, 2^15)
+        threshold = round(self.p * DRAW_LEVELS) - DRAW_LEVELS // 2
+        return draws.ge(threshold).to(x.dtype).mul_(1.0 / (1.0 - self.p))
 
     def extra_repr(self) -> str:
-        return f"p={self.p}"
+        return f"p={self.p}, mask={self.mask}"
+
+
+def check_dropout_mask(mask: str) -> str:
+    if mask not in DROPOUT_MASKS:
+        raise ValueError(f"dropout_mask must be one of {', '.join(DROPOUT_MASKS)}, got {mask!r}")
+    return mask
+
+
+def set_dropout_mask(model: nn.Module, mask: str) -> None:
+    """Make every :class:`Dropout` in ``model`` draw its masks the ``mask`` way."""
+    check_dropout_mask(mask)
+    for module in model.modules():
+        if isinstance(module, Dropout):
+            module.mask = mask
 
 
 # -- pairwise field interactions -------------------------------------------------

@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from moe_mlora.checks import check_memory
 from moe_mlora.config import ConfigError
 from moe_mlora.models import AdapterConfig, build_model
+from moe_mlora.models.layers import set_dropout_mask
 from moe_mlora.training.module import CTRModule
 from moe_mlora.training.schedules import ScheduleError, ScheduleSpec
 
@@ -115,8 +116,10 @@ def build_module(cfg: DictConfig, datamodule) -> CTRModule:
     if adapter.kind == "moe":
         check_expert_memory(cfg, adapter, build)
     bins = cfg.get("evaluation", {}).get("auc_bins")
+    model = build(adapter)
+    set_dropout_mask(model, str(cfg.get("dropout_mask", "bits")))
     return CTRModule(
-        build(adapter),
+        model,
         data.domain_names,
         cfg.optimizer.lr,
         cfg.optimizer.weight_decay,

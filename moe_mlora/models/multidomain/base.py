@@ -249,11 +249,15 @@ class StackedLinear(nn.Module):
         linear_init(self.weight, self.bias, in_features)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() == 2:  # the same input for every group: one GEMM
-            groups, width, out = self.weight.shape
-            flat = x @ self.weight.permute(1, 0, 2).reshape(width, groups * out)
-            return flat.view(-1, groups, out) + self.bias  # -1, not len(x): traceable
-        return torch.einsum("bgi,gio->bgo", x, self.weight) + self.bias
+        groups, width, out = self.weight.shape
+        if x.dim() == 2:  # the same input for every group: one GEMM, the bias added in it
+            flat = self.weight.permute(1, 0, 2).reshape(width, groups * out)
+            return torch.addmm(self.bias.view(-1), x, flat).view(-1, groups, out)  # traceable
+        # One product per group over a strided view: [B, G, in] is read as G matrices of
+        # [B, in] (row stride G * in) and written as G of [B, out], returned as a
+        # [B, G, out] view; no operand is copied into group-major order.
+        product = torch.baddbmm(self.bias.unsqueeze(1), x.transpose(0, 1), self.weight)
+        return product.transpose(0, 1)
 
 
 class StackedMLP(nn.Module):
