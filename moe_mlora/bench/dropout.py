@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from moe_mlora.allocator import configure_allocator
 from moe_mlora.bench.core import DEFAULT_ROOT, StepTimer, require_ml100k
 from moe_mlora.cli import key_value_argv
 from moe_mlora.models.layers import DROPOUT_MASKS, Dropout, set_dropout_mask
@@ -118,9 +119,11 @@ def drop_rates(p: float = 0.3, count: int = 10_000_000) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv or [])
     require_ml100k(args.root, "dropout")
+    configure_allocator("tuned")  # as a run does by default
     torch.set_num_threads(args.threads)
     print(
-        f"machine: {platform.machine()}, torch {torch.__version__}, {args.threads} threads; "
+        f"machine: {platform.machine()}, torch {torch.__version__}, {args.threads} threads, "
+        "allocator=tuned; "
         f"DeepFM on MovieLens {args.split}, batch 1024, {args.batches} batches a round, "
         f"{args.rounds} rounds per mask (alternating which goes first); ms per step = the "
         "best round's median"
