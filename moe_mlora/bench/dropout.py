@@ -4,9 +4,9 @@ Builds each method's model as ``python -m moe_mlora.run`` does (DeepFM, one Movi
 split), takes the same training batches for all, and times forward + backward + Adam step
 with ``dropout_mask=uniform`` (one float draw per element) and ``dropout_mask=bits`` (16-bit
 draws, four per 64-bit integer), on two copies of each model built with the same seed, one
-per mask. The rounds alternate which mask goes first, so the machine's drift hits both alike. Prints
-the median step of the best round per method and mask, their ratio, the cost of drawing one
-mask at the tower's widths, and the measured drop rate of each mask::
+per mask. The rounds alternate which mask goes first, so the machine's drift hits both
+alike. Prints the median step of the best round per method and mask, their ratio, the cost
+of drawing one mask at the tower's widths, and the measured drop rate of each mask::
 
     python -m moe_mlora.bench dropout                               # 6 methods, gender
     python -m moe_mlora.bench dropout methods=base,mmoe rounds=10 split=age

@@ -253,9 +253,9 @@ class StackedLinear(nn.Module):
         if x.dim() == 2:  # the same input for every group: one GEMM, the bias added in it
             flat = self.weight.permute(1, 0, 2).reshape(width, groups * out)
             return torch.addmm(self.bias.view(-1), x, flat).view(-1, groups, out)  # traceable
-        # One product per group over a strided view: [B, G, in] is read as G matrices of
-        # [B, in] (row stride G * in) and written as G of [B, out], returned as a
-        # [B, G, out] view; no operand is copied into group-major order.
+        # One product per group, reading [B, G, in] in place as G matrices of [B, in] (row
+        # stride G * in) instead of copying it group-major as einsum did; the product is
+        # written as G blocks of [B, out] and returned as a [B, G, out] view.
         product = torch.baddbmm(self.bias.unsqueeze(1), x.transpose(0, 1), self.weight)
         return product.transpose(0, 1)
 
