@@ -70,6 +70,10 @@ def config_fingerprint(cfg: DictConfig) -> str:
     values = OmegaConf.to_container(cfg, resolve=True)
     for key in PRESENTATION_KEYS:
         values.pop(key, None)
+    if values.get("dropout_mask") == "uniform":
+        # Configs written before the key existed drew uniform masks: with it spelled out,
+        # their runs still count as the same job (skipped when finished, resumed when not).
+        values.pop("dropout_mask")
     for presentation in ("enable_progress_bar",):
         values.get("trainer", {}).pop(presentation, None)
     text = json.dumps(values, sort_keys=True, default=str)

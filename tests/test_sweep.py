@@ -63,6 +63,19 @@ def test_fingerprint_ignores_presentation_but_not_what_is_computed():
     assert config_fingerprint(compose(["seed=1", "data.users=201"])) != base
 
 
+def test_dropout_mask_uniform_fingerprints_as_a_config_from_before_the_key() -> None:
+    """Runs made before ``dropout_mask`` existed drew uniform masks; with
+    ``dropout_mask=uniform`` they are the same job, with the new default they are not."""
+    from omegaconf import open_dict
+
+    uniform = compose(["seed=1", "dropout_mask=uniform"])
+    before_the_key = compose(["seed=1"])
+    with open_dict(before_the_key):
+        del before_the_key["dropout_mask"]
+    assert config_fingerprint(uniform) == config_fingerprint(before_the_key)
+    assert config_fingerprint(compose(["seed=1"])) != config_fingerprint(before_the_key)
+
+
 # ----------------------------------------------------------------- expert counts
 @pytest.mark.parametrize(
     ("overrides", "domains", "expected"),
