@@ -421,14 +421,19 @@ def test_every_evaluation_starts_from_statistics_every_process_shares(monkeypatc
 
 
 @pytest.mark.slow
-def test_ddp_star_validates_and_saves_one_model(cache_dir, tmp_path):
-    """Two processes train STAR, whose normalisation statistics move with each process's
-    shard: the best validation WAUC and the test WAUC in results.json are what the saved
-    model scores on those rows in one process (the statistics were averaged first)."""
+@pytest.mark.parametrize("method", ["star", "mmoe", "pepnet", "mlora"])
+def test_ddp_run_validates_and_saves_one_model(cache_dir, tmp_path, method):
+    """Two processes train ``method``: the best validation WAUC and the test WAUC in
+    results.json are what the saved model scores on those rows in one process. STAR is the
+    hard case: its normalisation statistics move with each process's shard (they are
+    averaged before every evaluation); MMoE, PEPNet and MLoRA cover the other structures
+    (shared experts with per-domain gates, embedding gates, per-domain adapters)."""
     from moe_mlora.metrics import DomainAUC
     from moe_mlora.serving.bundle import load_model
 
-    overrides = tiny(cache_dir, "method=star", "trainer.accelerator=cpu", "trainer.max_epochs=3")
+    overrides = tiny(
+        cache_dir, f"method={method}", "trainer.accelerator=cpu", "trainer.max_epochs=3"
+    )
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "moe_mlora.run", *overrides]
     command += ["trainer=ddp", f"trainer.devices={WORLD}", "threads=1", f"hydra.run.dir={run_dir}"]
